@@ -8,6 +8,7 @@ below calls ``super()`` unchanged, so the run is bit-identical to ``transformers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -43,12 +44,33 @@ class OptCoreTrainer(Trainer):
             optcore_config = args
             args = args.to_training_arguments()
         self.optcore_config: TrainerConfig | None = optcore_config
+        # Components whose state goes into every checkpoint, by key: each has state_dict() and
+        # load_state_dict() (EMA: "ema", train batch sampler: "sampler", ...). CheckpointManager
+        # saves and restores exactly these.
+        self.optcore_state: dict[str, Any] = {}
         super().__init__(model, args, *positional, **kwargs)
 
     @property
     def extensions_enabled(self) -> bool:
         """True when a TrainerConfig was given; False means plain ``transformers.Trainer``."""
         return self.optcore_config is not None
+
+    # ---- evaluation ---------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if not self.extensions_enabled:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        # Schedule-free optimizers must be evaluated at their averaged point (issue 3).
+        with self._optimizer_eval_mode():
+            return self._optcore_evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _optcore_evaluate(self, eval_dataset, ignore_keys, metric_key_prefix) -> dict[str, float]:
+        """Token-weighted live (and EMA) evaluation (issue 5 replaces this body)."""
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _optimizer_eval_mode(self) -> contextlib.AbstractContextManager:
+        """Context in which the optimizer's parameters are the ones to evaluate or save (issue 3)."""
+        return contextlib.nullcontext()
 
 
 GenericTrainer = OptCoreTrainer
