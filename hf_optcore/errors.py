@@ -1,0 +1,21 @@
+"""Exceptions that carry one clear, user-facing line (what was wrong, where, what is valid).
+
+The recipe and the CLI turn any of these (and :class:`~hf_optcore.config.ConfigError`) into
+that line on stderr and exit status 2, before anything is written.
+"""
+
+
+class OptCoreError(Exception):
+    """Base class of hf_optcore's user-facing errors."""
+
+
+class ModelLoadError(OptCoreError):
+    """A model or tokenizer could not be found or loaded (unknown id, offline, bad file)."""
+
+
+class DataError(OptCoreError, ValueError):
+    """A dataset file is missing, empty, malformed or lacks the columns its format needs."""
+
+
+class CheckpointError(OptCoreError):
+    """A checkpoint is missing, incomplete, corrupt or incompatible with this run."""
