@@ -15,6 +15,7 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 
 from hf_optcore.config import TrainerConfig
+from hf_optcore.distributed import prepare_process_group, verify_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,12 @@ class OptCoreTrainer(Trainer):
         # load_state_dict() (EMA: "ema", train batch sampler: "sampler", ...). CheckpointManager
         # saves and restores exactly these.
         self.optcore_state: dict[str, Any] = {}
+        if optcore_config is not None and args is not None:
+            # A GPU-less multi-process launch forms a gloo group only with use_cpu (distributed.py).
+            prepare_process_group(args)
         super().__init__(model, args, *positional, **kwargs)
+        if optcore_config is not None:
+            verify_process_group(self.args)
 
     @property
     def extensions_enabled(self) -> bool:

@@ -1,0 +1,139 @@
+"""Make a launched multi-process job actually form a process group.
+
+``accelerate launch --multi_gpu --num_processes 2`` (or ``torchrun``) on a machine without a
+GPU starts two processes with ``WORLD_SIZE=2`` and ``LOCAL_RANK`` set. Unless the Trainer is told
+``use_cpu=True``, Accelerate's ``PartialState`` picks no backend (it only chooses gloo for CPU
+when asked for the CPU), so every process trains alone on the whole dataset and writes the same
+checkpoints: a silent waste that looks like success. This module detects that situation, fixes
+it by turning on ``use_cpu`` (which makes Accelerate form a gloo group), and checks afterwards
+that the group the Trainer formed has as many processes as were launched.
+
+Accelerate remains the engine: nothing here initialises a process group itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from hf_optcore.errors import OptCoreError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DistributedSetupError",
+    "launched_world_size",
+    "needs_cpu_process_group",
+    "prepare_process_group",
+    "verify_process_group",
+]
+
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+class DistributedSetupError(OptCoreError, RuntimeError):
+    """A launched multi-process job cannot (or did not) form a process group of the right size."""
+
+
+def launched_world_size(environ: dict[str, str] | None = None) -> int:
+    """Number of processes the launcher started (``WORLD_SIZE`` and the MPI equivalents), else 1.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    for var in _WORLD_SIZE_VARS:
+        raw = env.get(var)
+        if raw:
+            try:
+                return max(1, int(raw))
+            except ValueError:
+                raise DistributedSetupError(f"environment variable {var} must be an integer, got {raw!r}") from None
+    return 1
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return bool(accel.is_available())
+    return torch.cuda.is_available()
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def needs_cpu_process_group(args: Any, environ: dict[str, str] | None = None, accelerator: bool | None = None) -> bool:
+    """True when a multi-process launch would leave each process training alone.
+
+    That is: more than one process was launched, no accelerator (CUDA, XPU, ...) is visible, and
+    neither ``args.use_cpu`` nor ``ACCELERATE_USE_CPU`` asks Accelerate for the CPU backend.
+
+    Args:
+        args: the ``TrainingArguments`` the Trainer will use.
+        environ: the environment to read (default ``os.environ``).
+        accelerator: whether an accelerator is visible (default: ask torch).
+    """
+    env = os.environ if environ is None else environ
+    if launched_world_size(env) <= 1:
+        return False
+    if getattr(args, "use_cpu", False) or _truthy(env.get("ACCELERATE_USE_CPU")):
+        return False
+    if accelerator is None:
+        accelerator = _accelerator_available()
+    return not accelerator
+
+
+def prepare_process_group(args: Any, environ: dict[str, str] | None = None, accelerator: bool | None = None) -> bool:
+    """Turn on ``args.use_cpu`` when a GPU-less multi-process launch would not form a group.
+
+    Call it before the Trainer resolves its device. DeepSpeed cannot run this way, so a
+    DeepSpeed config on a GPU-less multi-process launch is an error rather than a fix.
+
+    Args:
+        args: the ``TrainingArguments``; modified in place.
+        environ: the environment to read (default ``os.environ``).
+        accelerator: whether an accelerator is visible (default: ask torch).
+
+    Returns:
+        True when ``use_cpu`` was switched on.
+    """
+    if not needs_cpu_process_group(args, environ, accelerator):
+        return False
+    world = launched_world_size(environ)
+    if getattr(args, "deepspeed", None):
+        raise DistributedSetupError(
+            f"{world} processes were launched with a DeepSpeed config but no GPU is visible; DeepSpeed needs GPUs. "
+            "Launch with recipes/accelerate/cpu_ddp.yaml (or --multi_gpu plus hardware.use_cpu=true) on a CPU machine"
+        )
+    args.use_cpu = True
+    # TrainingArguments caches the device it resolved; drop it so the next access re-resolves.
+    args.__dict__.pop("_setup_devices", None)
+    logger.warning(
+        "%d processes were launched but no GPU is visible and use_cpu was not set: each process would have trained "
+        "alone. hf_optcore set use_cpu=True so Accelerate forms a gloo process group (set hardware.use_cpu=true to "
+        "silence this).",
+        world,
+    )
+    return True
+
+
+def verify_process_group(args: Any, environ: dict[str, str] | None = None) -> None:
+    """Raise :class:`DistributedSetupError` unless the Trainer's world size is the launched one.
+
+    Args:
+        args: the ``TrainingArguments`` after the Trainer resolved its device.
+        environ: the environment to read (default ``os.environ``).
+    """
+    launched = launched_world_size(environ)
+    formed = int(getattr(args, "world_size", 1))
+    if launched > 1 and formed != launched:
+        raise DistributedSetupError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but the Trainer formed a process group of "
+            f"{formed} (parallel_mode={getattr(args, 'parallel_mode', '?')}); each process would train alone on the "
+            "whole dataset. On a CPU machine set hardware.use_cpu=true (TrainingArguments(use_cpu=True)); on GPUs "
+            "check that CUDA is visible to every process"
+        )
