@@ -483,7 +483,9 @@ class TrainerConfig:
 
     def fingerprint(self) -> str:
         """sha256 of the resolved config (recorded in checkpoint manifests)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        # The round trip coerces values to their declared types (10 -> 10.0 for a float field).
+        canonical = TrainerConfig.from_dict(self.to_dict(), validate=False).to_dict()
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
     # ---- validation ---------------------------------------------------------------------
 

@@ -1,0 +1,10 @@
+"""Supervised fine-tuning with hf_optcore — the readable recipe is hf_optcore/recipes/sft.py.
+
+    python recipes/sft.py                                  # embedded default (offline demo)
+    accelerate launch recipes/sft.py --config recipes/configs/jargon_lora.yaml training.learning_rate=1e-4
+"""
+
+from hf_optcore.recipes.sft import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""TrainerConfig: round trips, overrides, and every validation path (all problems at once)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_optcore.config import (
+    ConfigError,
+    TrainerConfig,
+    load_yaml,
+    parse_overrides,
+    render_reference,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _problems(raw, monkeypatch=None):
+    import torch
+
+    with pytest.raises(ConfigError) as ei, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)  # the CPU answer, also on a GPU box
+        TrainerConfig.from_dict(raw)
+    assert isinstance(ei.value, ValueError)
+    return ei.value.problems
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    cfg = TrainerConfig()
+    cfg.validate(cuda_available=False)
+    assert TrainerConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "c.yaml"
+    cfg.to_yaml(path)
+    assert TrainerConfig.from_yaml(path) == cfg
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
+
+
+def test_round_trip_non_defaults(tmp_path):
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": "tiny:llama", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+        "training": {"learning_rate": 3e-4, "max_steps": 7, "lr_multipliers": {"lora_B": 2.0}},
+        "data": {"batching": "token_budget", "max_tokens_per_batch": 4096, "max_seq_len": 512},
+        "checkpoint": {"every_n_steps": 5, "keep_last": 3, "resume_from": "auto"},
+        "ema": {"enabled": True, "decay": 0.99, "warmup": True},
+    }
+    cfg = TrainerConfig.from_dict(raw)
+    assert cfg.model.lora.r == 4 and cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.max_tokens_per_batch == 4096
+    again = TrainerConfig.from_yaml(Path(tmp_path / "x.yaml")) if cfg.to_yaml(tmp_path / "x.yaml") else None
+    assert again == cfg
+    assert cfg.to_dict()["training"]["lr_multipliers"] == {"lora_B": 2.0}
+    assert cfg.fingerprint() == TrainerConfig.from_dict(cfg.to_dict()).fingerprint()
+    assert cfg.fingerprint() != TrainerConfig().fingerprint()
+
+
+def test_yaml_plus_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 1e-3\n  max_steps: 10\nmodel:\n  lora:\n    r: 8\n")
+    cfg = TrainerConfig.from_yaml(path, ["training.learning_rate=1e-4", "model.lora.r=4", "ema.enabled=true",
+                                        "model.lora.target_modules=[q_proj, k_proj]"])
+    assert cfg.training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string; coerced to float
+    assert cfg.training.max_steps == 10
+    assert cfg.model.lora.r == 4
+    assert cfg.ema.enabled is True
+    assert cfg.model.lora.target_modules == ["q_proj", "k_proj"]
+
+
+def test_parse_overrides_errors():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_overrides(["training.learning_rate"])
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_unknown_keys_suggest_and_all_problems_reported_together():
+    problems = _problems({
+        "modle": {},
+        "training": {"lerning_rate": 1e-3, "max_steps": "ten"},
+        "ema": {"enabled": True, "decay": 1.5},
+    })
+    text = "\n".join(problems)
+    assert "modle: unknown section (did you mean 'model'?)" in text
+    assert "training.lerning_rate: unknown key (did you mean 'learning_rate'?)" in text
+    assert "training.max_steps: expected int, got 'ten'" in text
+    assert "ema.decay: must be in (0, 1), got 1.5" in text
+    assert len(problems) == 4
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"training": {"learning_rate": 0}}, "training.learning_rate: must be > 0, got 0"),
+        ({"training": {"per_device_train_batch_size": 0}}, "training.per_device_train_batch_size: must be >= 1"),
+        ({"training": {"gradient_accumulation_steps": 0}}, "training.gradient_accumulation_steps: must be >= 1"),
+        ({"training": {"max_steps": -1, "num_train_epochs": 0}}, "one must be > 0"),
+        ({"training": {"warmup_steps": 2.5}}, "training.warmup_steps: a value >= 1 counts steps"),
+        ({"training": {"weight_decay": -0.1}}, "training.weight_decay: must be >= 0"),
+        ({"training": {"adam_beta2": 1.0}}, "training.adam_beta2: must be in [0, 1)"),
+        ({"training": {"eval_strategy": "steps"}}, "training.eval_steps: must be > 0 when"),
+        ({"training": {"eval_strategy": "sometimes"}}, "training.eval_strategy: expected one of 'no', 'steps', 'epoch'"),
+        ({"training": {"load_best_model_at_end": True}}, "needs evaluation, but training.eval_strategy is 'no'"),
+        (
+            {"training": {"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 4},
+             "checkpoint": {"every_n_steps": 6}},
+            "checkpoint.every_n_steps: must be a multiple of training.eval_steps (4)",
+        ),
+        ({"training": {"optimizer": "adamww"}}, "training.optimizer: unknown optimizer 'adamww' (did you mean 'adamw'?)"),
+        ({"training": {"scheduler": "cosin"}}, "training.scheduler: unknown scheduler 'cosin'"),
+        ({"training": {"lora_plus_ratio": 16}, "model": {"lora": {"enabled": False}}}, "LoRA+ needs model.lora.enabled"),
+        ({"training": {"push_to_hub": True}}, "training.hub_model_id: required when"),
+        ({"training": {"metric_for_best_model": "eval_ema_loss"}}, "needs ema.enabled and ema.evaluate"),
+        ({"training": {"lr_multipliers": {"lora_B": "x"}}}, "training.lr_multipliers.lora_B: must be a number"),
+        ({"hardware": {"fp16": True}}, "hardware.fp16: float16 mixed precision needs a CUDA GPU"),
+        ({"hardware": {"fp16": True, "bf16": True}}, "choose one mixed-precision mode"),
+        ({"hardware": {"dataloader_prefetch_factor": 2}}, "hardware.dataloader_prefetch_factor: needs"),
+        ({"hardware": {"dataloader_num_workers": -1}}, "hardware.dataloader_num_workers: must be >= 0"),
+        ({"model": {"lora": {"r": 0}}}, "model.lora.r: must be >= 1, got 0"),
+        ({"model": {"lora": {"dropout": 1.0}}}, "model.lora.dropout: must be in [0, 1)"),
+        ({"model": {"lora": {"target_modules": "everything"}}}, "model.lora.target_modules: expected 'auto'"),
+        ({"model": {"lora": {"target_modules": []}}}, "an explicit list must not be empty"),
+        ({"model": {"lora": {"load_in_4bit": True}}}, "QLoRA 4-bit loading needs CUDA"),
+        ({"model": {"name_or_path": ""}}, "model.name_or_path: must name a model"),
+        ({"model": {"dtype": "float8"}}, "model.dtype: expected one of"),
+        ({"data": {"batching": "token_budget"}}, "data.max_tokens_per_batch: required when"),
+        ({"data": {"max_tokens_per_batch": 100, "max_seq_len": 512}}, "must be >= data.max_seq_len (512)"),
+        ({"data": {"max_seq_len": 4}}, "data.max_seq_len: must be >= 8"),
+        ({"data": {"eval_split_ratio": 1.0}}, "data.eval_split_ratio: must be in [0, 1)"),
+        ({"data": {"batching": "greedy"}}, "data.batching: expected one of 'random', 'bucket', 'token_budget', 'multipack'"),
+        ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last: must be >= 1"),
+        ({"checkpoint": {"max_consecutive_nonfinite": 0}}, "checkpoint.max_consecutive_nonfinite: must be >= 1"),
+        ({"ema": {"enabled": True, "update_every": 0}}, "ema.update_every: must be >= 1, got 0"),
+        ({"ema": {"enabled": True, "half_life_steps": 10, "warmup": True}}, "choose either a half-life or ema.warmup"),
+        ({"ema": {"use_for_final_model": True}}, "ema.use_for_final_model: needs ema.enabled=true"),
+        ({"output_dir": ""}, "output_dir: expected a non-empty string"),
+        ({"training": {"max_steps": True}}, "training.max_steps: expected int, got True"),
+        ({"training": "fast"}, "training: expected a mapping"),
+    ],
+)
+def test_each_validation_path(raw, expected):
+    problems = _problems(raw)
+    assert any(expected in p for p in problems), problems
+
+
+def test_fp16_allowed_with_cuda():
+    cfg = TrainerConfig.from_dict({"hardware": {"fp16": True}}, validate=False)
+    cfg.validate(cuda_available=True)
+
+
+def test_missing_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope.yaml' not found"):
+        load_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rate: [1e-4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml': malformed YAML at line \d+, column \d+"):
+        TrainerConfig.from_yaml(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections, got list"):
+        TrainerConfig.from_yaml(listy)
+
+
+def test_to_training_arguments_maps_same_named_fields(tmp_path):
+    cfg = TrainerConfig.from_dict({
+        "output_dir": str(tmp_path),
+        "training": {"learning_rate": 1e-4, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
+                     "max_steps": 11, "seed": 7, "warmup_steps": 0.1, "weight_decay": 0.01,
+                     "eval_strategy": "steps", "eval_steps": 5},
+        "hardware": {"use_cpu": True, "bf16": True, "dataloader_num_workers": 1},
+        "model": {"gradient_checkpointing": True},
+        "checkpoint": {"every_n_steps": 5},
+    })
+    args = cfg.to_training_arguments()
+    assert (args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1e-4, 3, 2)
+    assert (args.max_steps, args.seed, args.warmup_steps, args.weight_decay) == (11, 7, 0.1, 0.01)
+    assert args.eval_strategy == "steps" and args.eval_steps == 5
+    assert args.use_cpu and args.bf16 and args.dataloader_num_workers == 1
+    assert args.activation_checkpointing is True
+    assert args.save_strategy == "steps" and args.save_steps == 5
+    assert args.output_dir == str(tmp_path)
+
+
+def test_every_field_has_help_text():
+    import dataclasses
+
+    from hf_optcore import config as c
+
+    for cls in (c.TrainerConfig, c.ModelConfig, c.LoRAConfig, c.TrainingConfig, c.HardwareConfig, c.DataConfig,
+                c.CheckpointConfig, c.EMAConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_readme_config_reference_is_in_sync():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- config-reference:start -->\n(.*?)\n<!-- config-reference:end -->", readme, re.S)
+    assert m, "README.md lacks the generated config reference block"
+    assert m.group(1).strip() == render_reference().strip(), (
+        "README config reference is stale: regenerate with `hf-optcore config-reference` or "
+        "python -c 'from hf_optcore.config import render_reference; print(render_reference())'"
+    )
