@@ -110,8 +110,10 @@ def prepare_process_group(args: Any, environ: dict[str, str] | None = None, acce
             "Launch with recipes/accelerate/cpu_ddp.yaml (or --multi_gpu plus hardware.use_cpu=true) on a CPU machine"
         )
     args.use_cpu = True
-    # TrainingArguments caches the device it resolved; drop it so the next access re-resolves.
+    # TrainingArguments caches the device it resolved (Accelerate state included). Re-resolve it
+    # now: the Trainer builds its Accelerator from that state before it touches args again.
     args.__dict__.pop("_setup_devices", None)
+    _ = args.device
     logger.warning(
         "%d processes were launched but no GPU is visible and use_cpu was not set: each process would have trained "
         "alone. hf_optcore set use_cpu=True so Accelerate forms a gloo process group (set hardware.use_cpu=true to "

@@ -1,0 +1,132 @@
+"""Launched by tests/test_distributed.py: a few steps of a tiny llama through OptCoreTrainer.
+
+    python tests/distributed/train_tiny.py --out DIR --batch 4                       # 1 process
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed/train_tiny.py --out DIR --batch 2
+
+Rank 0 writes ``DIR/result.json``: the per-step losses, the world size the Trainer formed and a
+digest of the final weights (and of the EMA shadows of every rank when ``--ema``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from hf_optcore.config import TrainerConfig  # noqa: E402
+from hf_optcore.tiny import build_tiny_model  # noqa: E402
+from hf_optcore.trainer import OptCoreTrainer  # noqa: E402
+
+SEQ_LEN = 16
+N_EXAMPLES = 64
+
+
+class FixedLengthTokens(torch.utils.data.Dataset):
+    """Random token sequences of one length, so a token-mean loss splits exactly across ranks."""
+
+    def __init__(self, n: int = N_EXAMPLES, seq_len: int = SEQ_LEN):
+        g = torch.Generator().manual_seed(1234)
+        self.ids = torch.randint(0, 256, (n, seq_len), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def collate(rows):
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": torch.stack([r["labels"] for r in rows]),
+            "attention_mask": torch.ones_like(ids)}
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--use-cpu", action="store_true", help="set hardware.use_cpu (else rely on auto-detection)")
+    ap.add_argument("--ema", action="store_true")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (as if killed) after this many steps")
+    a = ap.parse_args(argv)
+
+    cfg = TrainerConfig.from_dict({
+        "output_dir": a.out,
+        "model": {"name_or_path": "tiny:llama", "lora": {"enabled": False}},
+        "training": {"learning_rate": 1e-2, "per_device_train_batch_size": a.batch, "max_steps": a.steps,
+                     "logging_steps": 1, "optimizer": "adamw", "scheduler": "constant", "seed": 0,
+                     "max_grad_norm": 1.0, "report_to": "none"},
+        "hardware": {"use_cpu": a.use_cpu},
+        "checkpoint": {"every_n_steps": a.save_every, "keep_last": 10},
+        "ema": {"enabled": a.ema, "decay": 0.9},
+    })
+    model = build_tiny_model("llama", seed=0)
+    trainer = OptCoreTrainer(model=model, args=cfg, train_dataset=FixedLengthTokens(), data_collator=collate)
+    if a.stop_after is not None:
+        from transformers import TrainerCallback
+
+        class _Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step >= a.stop_after:
+                    control.should_training_stop = True
+
+        trainer.add_callback(_Stop())
+    trainer.train(resume_from_checkpoint=a.resume)
+
+    ema_digest = None
+    ema = trainer.optcore_state.get("ema")
+    if ema is not None:
+        sd = ema.state_dict()
+        shadows = [v for _, v in sorted(_flatten(sd).items()) if torch.is_tensor(v) and v.is_floating_point()]
+        ema_digest = digest(shadows)
+    model_digest = digest(p for _, p in sorted(trainer.model.named_parameters()))
+    gathered = [None] * trainer.args.world_size
+    if trainer.args.world_size > 1:
+        torch.distributed.all_gather_object(gathered, {"model": model_digest, "ema": ema_digest})
+    else:
+        gathered = [{"model": model_digest, "ema": ema_digest}]
+    if trainer.is_world_process_zero():
+        losses = {int(r["step"]): r["loss"] for r in trainer.state.log_history if "loss" in r}
+        Path(a.out, "result.json").write_text(json.dumps({
+            "world_size": trainer.args.world_size,
+            "use_cpu": trainer.args.use_cpu,
+            "losses": losses,
+            "global_step": trainer.state.global_step,
+            "ranks": gathered,
+        }, indent=1))
+    return 0
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, (list, tuple)) else []):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, (dict, list, tuple)):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
