@@ -194,7 +194,7 @@ def test_every_field_has_help_text():
 
 def test_readme_config_reference_is_in_sync():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    m = re.search(r"<!-- config-reference:start -->\n(.*?)\n<!-- config-reference:end -->", readme, re.S)
+    m = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", readme, re.S)
     assert m, "README.md lacks the generated config reference block"
     assert m.group(1).strip() == render_reference().strip(), (
         "README config reference is stale: regenerate with `hf-optcore config-reference` or "
