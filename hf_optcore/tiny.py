@@ -51,11 +51,25 @@ _ARCH = {
     "qwen2": ("Qwen2Config", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)),
     "gpt2": ("GPT2Config", dict(n_embd=16, n_layer=2, n_head=2, n_positions=512)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, head_dim=8,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)),
+    "gemma": ("GemmaConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, head_dim=8,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)),
+    "phi3": ("Phi3Config", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=512)),
+    "falcon": ("FalconConfig", dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2)),
+    "opt": ("OPTConfig", dict(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                              word_embed_proj_dim=16, max_position_embeddings=512)),
+    "mixtral": ("MixtralConfig", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                      num_local_experts=4, num_experts_per_tok=2)),
 }
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 260, **overrides: Any):
-    """A transformers config for a tiny ``arch`` model (``llama``, ``mistral``, ``qwen2``, ``gpt2``)."""
+    """A transformers config for a tiny ``arch`` model (see :func:`list_tiny_architectures`)."""
     import transformers
 
     if arch not in _ARCH:
@@ -66,6 +80,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = 260, **overrides: Any):
         kwargs.setdefault("bos_token_id", vocab_size - 4)
         kwargs.setdefault("eos_token_id", vocab_size - 2)
     else:
+        kwargs.setdefault("bos_token_id", None)
         kwargs.setdefault("eos_token_id", vocab_size - 2)
         kwargs.setdefault("pad_token_id", vocab_size - 1)
     return getattr(transformers, cls_name)(**kwargs)
@@ -81,4 +96,5 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any):
 
 
 def list_tiny_architectures() -> list[str]:
+    """Names accepted by ``tiny:<arch>``."""
     return sorted(_ARCH)
