@@ -1,0 +1,150 @@
+"""Evaluator alone: token-weighted loss against a hand computation, EMA side by side, plug-in metrics."""
+
+import math
+
+import pytest
+import torch
+
+from hf_optcore.config import EMAConfig, TrainingConfig
+from hf_optcore.ema_manager import EMAManager
+from hf_optcore.evaluator import Evaluator, token_statistics
+
+PAD = 259
+
+
+def _examples():
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 17, 9, 30, 4, 12, 22]
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, 256, (n,), generator=g)
+        labels = ids.clone()
+        labels[: n // 3] = -100  # a masked prompt, as completion-only SFT does
+        out.append((ids, labels))
+    return out
+
+
+def _batches(examples, batch_size):
+    batches = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        t = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), t), PAD)
+        labels = torch.full((len(chunk), t), -100)
+        mask = torch.zeros((len(chunk), t), dtype=torch.long)
+        for j, (x, y) in enumerate(chunk):
+            ids[j, : len(x)], labels[j, : len(y)], mask[j, : len(x)] = x, y, 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def _hand_nll(model, examples):
+    """Sum of -log p(label) over every shifted label token, one unpadded example at a time."""
+    total, count, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for ids, labels in examples:
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), dim=-1)
+            for t in range(len(ids) - 1):
+                y = int(labels[t + 1])
+                if y != -100:
+                    total -= float(logp[t, y])
+                    count += 1
+                    correct += int(int(logp[t].argmax()) == y)
+    return total, count, correct
+
+
+def test_token_weighted_loss_matches_hand_computation(tiny_model):
+    examples = _examples()
+    batches = _batches(examples, 3)  # batches of 3, 3 and 1 examples, very unequal token counts
+    res = Evaluator(TrainingConfig(), tiny_model, batches, "cpu").evaluate()
+    nll, count, correct = _hand_nll(tiny_model, examples)
+    assert res["num_tokens"] == count
+    assert res["loss"] == pytest.approx(nll / count, abs=1e-5)
+    assert res["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert res["token_accuracy"] == pytest.approx(correct / count)
+    # What Trainer.evaluate reports: the mean of the model's per-batch mean losses.
+    with torch.no_grad():
+        mean_of_means = sum(float(tiny_model(**b).loss) for b in batches) / len(batches)
+    assert abs(mean_of_means - res["loss"]) > 1e-3
+    # And the token-weighted loss does not depend on how the examples are batched.
+    res1 = Evaluator(TrainingConfig(), tiny_model, _batches(examples, 1), "cpu").evaluate()
+    assert res1["loss"] == pytest.approx(res["loss"], abs=1e-6)
+
+
+def test_labels_default_to_input_ids_without_padding(tiny_model):
+    examples = [(ids, ids.clone()) for ids, _ in _examples()]
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _batches(examples, 4)]
+    res = Evaluator(TrainingConfig(), tiny_model, batches, "cpu").evaluate()
+    nll, count, _ = _hand_nll(tiny_model, examples)
+    assert res["num_tokens"] == count
+    assert res["loss"] == pytest.approx(nll / count, abs=1e-5)
+
+
+def test_ema_metrics_side_by_side_and_weights_restored(tiny_model):
+    ema = EMAManager(EMAConfig(enabled=True, decay=0.5), tiny_model)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trained = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    batches = _batches(_examples(), 4)
+    res = Evaluator(TrainingConfig(), tiny_model, batches, "cpu", use_amp=True, ema_manager=ema).evaluate()
+    for key in ("loss", "perplexity", "token_accuracy", "ema_loss", "ema_perplexity", "ema_token_accuracy"):
+        assert math.isfinite(res[key]), key
+    assert res["ema_loss"] != res["loss"]
+    for n, p in tiny_model.named_parameters():
+        assert torch.equal(p, trained[n]), n
+    with ema.applied():
+        direct = Evaluator(TrainingConfig(), tiny_model, batches, "cpu").evaluate()
+    assert direct["loss"] == res["ema_loss"]
+    assert tiny_model.training is True  # mode restored too
+
+
+def test_token_statistics_ignores_masked_positions():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, 2] = 10.0
+    labels = torch.tensor([[7, 2, -100, -100]])
+    stats, preds = token_statistics(logits, labels)
+    assert stats[0, 1] == 1 and stats[0, 2] == 1
+    assert stats[0, 0] == pytest.approx(-torch.log_softmax(logits[0, 0], -1)[2].item())
+    assert preds.tolist() == [[2, -100, -100]]
+
+
+def test_empty_label_set_gives_nan_not_crash(tiny_model):
+    b = _batches(_examples()[:2], 2)[0]
+    b["labels"].fill_(-100)
+    res = Evaluator(TrainingConfig(), tiny_model, [b], "cpu").evaluate()
+    assert math.isnan(res["loss"]) and res["num_tokens"] == 0
+
+
+METRIC_SCRIPT = '''
+import datasets
+import evaluate
+
+
+class MatchRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of equal predictions", citation="", inputs_description="",
+            features=datasets.Features({"predictions": datasets.Value("int64"),
+                                        "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        return {"match_rate": sum(p == r for p, r in zip(predictions, references)) / len(predictions)}
+'''
+
+
+def test_evaluate_metric_plugs_in_by_local_path(tiny_model, tmp_path):
+    script = tmp_path / "match_rate.py"
+    script.write_text(METRIC_SCRIPT)
+    cfg = TrainingConfig(eval_metrics=[str(script)])
+    ema = EMAManager(EMAConfig(enabled=True, decay=0.5), tiny_model)
+    res = Evaluator(cfg, tiny_model, _batches(_examples(), 3), "cpu", ema_manager=ema).evaluate()
+    assert res["match_rate"] == pytest.approx(res["token_accuracy"])
+    assert res["ema_match_rate"] == pytest.approx(res["ema_token_accuracy"])
+
+
+def test_unknown_metric_name_is_a_clear_error(tiny_model, tmp_path):
+    cfg = TrainingConfig(eval_metrics=[str(tmp_path / "nope.py")])
+    with pytest.raises(ValueError, match="training.eval_metrics: cannot load evaluate metric"):
+        Evaluator(cfg, tiny_model, _batches(_examples(), 3), "cpu").evaluate()
