@@ -144,6 +144,9 @@ class TrainingConfig:
     load_best_model_at_end: bool = _f(False, "Reload the best checkpoint when training ends.")
     metric_for_best_model: Optional[str] = _f(None, "Metric that ranks checkpoints (e.g. eval_loss, eval_ema_loss).")
     greater_is_better: Optional[bool] = _f(None, "Whether a larger metric is better (default: not for *loss*).")
+    eval_metrics: list[str] = _f(
+        [], "Extra `evaluate` metrics on next-token predictions, by name or local script path (names need network once)."
+    )
     report_to: Union[str, list[str]] = _f("none", "Trackers: none, tensorboard, trackio, ...")
     run_name: Optional[str] = _f(None, "Name of the run in trackers and reports.")
     push_to_hub: bool = _f(False, "Push the final model to the Hub.")
@@ -194,6 +197,10 @@ class DataConfig:
     eval_split_ratio: float = _f(0.05, "Fraction of train held out for eval when eval_path is unset.")
     max_train_samples: Optional[int] = _f(None, "Use only the first N training examples.")
     max_eval_samples: Optional[int] = _f(None, "Use only the first N eval examples.")
+    hub_config_name: Optional[str] = _f(None, "Configuration name of a 'hub:' dataset.")
+    hub_train_split: str = _f("train", "Split of a 'hub:' train_path to train on.")
+    hub_eval_split: Optional[str] = _f(None, "Split of a 'hub:' eval_path (default: hub_train_split's held-out part).")
+    bucket_size_multiplier: int = _f(64, "bucket: batches per length-sorted mega-batch (more: less padding, less mixing).")
 
 
 @dataclass
