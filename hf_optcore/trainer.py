@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
+from hf_optcore.callbacks import TrainingReportCallback
 from hf_optcore.config import TrainerConfig
 from hf_optcore.distributed import prepare_process_group, verify_process_group
 
@@ -55,6 +56,7 @@ class OptCoreTrainer(Trainer):
         super().__init__(model, args, *positional, **kwargs)
         if optcore_config is not None:
             verify_process_group(self.args)
+            self.add_callback(TrainingReportCallback(optcore_config))
 
     @property
     def extensions_enabled(self) -> bool:
