@@ -2,10 +2,10 @@
 
 Pure torch. Rules, applied to every trainable parameter (frozen ones are left out):
 
-- no weight decay when the name contains one of ``no_decay_patterns`` (case-insensitive substrings,
-  default ``bias``, ``norm``, ``embed``) or the parameter belongs to a module whose class name
-  contains one of ``no_decay_module_types`` (default ``Embedding``, ``Norm``: catches GPT-2's
-  ``wte`` / ``ln_1`` that the name patterns miss);
+- no weight decay when one of ``no_decay_patterns`` (case-insensitive substrings, default
+  ``bias``, ``norm``, ``embed``) is in the parameter's name *or* in the class name of the module
+  that owns it (so GPT-2's ``wte`` (``Embedding``) and ``ln_1`` (``LayerNorm``) are caught too);
+  ``[]`` decays everything;
 - learning rate ``lr x multiplier``, where the multiplier comes from the longest pattern of
   ``lr_multipliers`` that is a substring of the name (1.0 when none matches);
 - LoRA+ : ``lora_B`` (and ``lora_embedding_B``) parameters get a further ``x lora_plus_ratio``.
@@ -52,8 +52,8 @@ class ParamGroup:
                 "lr": self.lr, "weight_decay": self.weight_decay}
 
 
-def _no_decay_by_module(model: nn.Module, module_types: Iterable[str]) -> set[int]:
-    types = tuple(t.lower() for t in module_types)
+def _no_decay_by_module(model: nn.Module, patterns: tuple[str, ...]) -> set[int]:
+    types = patterns
     out: set[int] = set()
     if not types:
         return out
@@ -75,7 +75,6 @@ def build_param_groups(
     lr: float,
     weight_decay: float = 0.0,
     no_decay_patterns: Iterable[str] = ("bias", "norm", "embed"),
-    no_decay_module_types: Iterable[str] = ("Embedding", "Norm"),
     lr_multipliers: Optional[dict] = None,
     lora_plus_ratio: Optional[float] = None,
 ) -> list[ParamGroup]:
@@ -85,8 +84,8 @@ def build_param_groups(
         model: the model (its ``named_parameters()`` are grouped; shared tensors appear once).
         lr: base learning rate.
         weight_decay: decay of the parameters not excluded.
-        no_decay_patterns: case-insensitive name substrings that get no decay.
-        no_decay_module_types: case-insensitive module class-name substrings that get no decay.
+        no_decay_patterns: case-insensitive substrings of a parameter name or of its module's class name
+            that mean no decay.
         lr_multipliers: ``{name substring: multiplier}``; the longest matching pattern wins.
         lora_plus_ratio: LoRA+ ratio for ``lora_B`` learning rates (None: off).
 
@@ -94,7 +93,7 @@ def build_param_groups(
         The non-empty groups, in order of first appearance.
     """
     patterns = tuple(p.lower() for p in no_decay_patterns)
-    by_module = _no_decay_by_module(model, no_decay_module_types)
+    by_module = _no_decay_by_module(model, patterns)
     multipliers = dict(lr_multipliers or {})
     groups: dict[tuple[bool, float], ParamGroup] = {}
     for name, param in model.named_parameters():
