@@ -263,7 +263,8 @@ class ModelManager:
         peft_config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, task_type="CAUSAL_LM",
             target_modules=report.target_modules, target_parameters=report.target_parameters,
-            modules_to_save=list(lora.modules_to_save) or None, use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+            modules_to_save=list(lora.modules_to_save) or None, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+            fan_in_fan_out=any(row.kind == "Conv1D" for row in report.rows))  # GPT-2 stores weights in x out
         try:
             model = get_peft_model(model, peft_config)
         except (ValueError, TypeError, NotImplementedError) as exc:
