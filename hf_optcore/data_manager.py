@@ -1,0 +1,243 @@
+"""``DataManager``: datasets in, tokenized examples, collator and batch samplers out.
+
+Works with ``OptCoreTrainer`` (which takes its train sampler and collator from here) and alone::
+
+    dm = DataManager(config.training, config.hardware, tokenizer, text_field_max_len=512)
+    train_loader, val_loader = dm.create_loaders(train_texts, val_texts)
+
+The pieces live in :mod:`hf_optcore.data`: ``loading`` (files, Hub, format detection),
+``encoding`` (chat/instruction/text rendering, completion-only labels, truncation), ``collator``
+(dynamic padding), ``samplers`` (random / bucket / token_budget / multipack), ``packing``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+from hf_optcore.config import DataConfig
+from hf_optcore.data.collator import PaddingCollator
+from hf_optcore.data.encoding import ExampleEncoder, TokenizedDataset
+from hf_optcore.data.loading import detect_format, read_records
+from hf_optcore.data.packing import PackedDataset
+from hf_optcore.data.samplers import (
+    BucketBatchSampler,
+    MultipackBatchSampler,
+    RandomBatchSampler,
+    TokenBudgetBatchSampler,
+)
+from hf_optcore.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DataManager", "dataset_lengths", "make_batch_sampler"]
+
+
+def dataset_lengths(dataset: Any) -> list[int]:
+    """Token length of every example: ``dataset.lengths``, a ``length`` column, or ``len(input_ids)``."""
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is not None:
+        return list(lengths)
+    names = getattr(dataset, "column_names", None)
+    if names is not None and "length" in names:
+        return list(dataset["length"])
+    if names is not None and "input_ids" in names:
+        return [len(x) for x in dataset["input_ids"]]
+    try:
+        return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    except (KeyError, TypeError, IndexError):
+        raise DataError(
+            f"cannot infer example lengths for length-aware batching: items of {type(dataset).__name__} need an "
+            f"'input_ids' field (or the dataset a 'lengths' attribute / 'length' column)"
+        ) from None
+
+
+def make_batch_sampler(data_config: DataConfig, lengths: list[int], batch_size: int, seed: int,
+                       num_replicas: int = 1, rank: int = 0, max_seq_len: int | None = None):
+    """The batch sampler named by ``data_config.batching`` (see :mod:`hf_optcore.data.samplers`).
+
+    Args:
+        data_config: the ``data`` section (batching, max_tokens_per_batch, pad_to_multiple_of, ...).
+        lengths: token length of every example.
+        batch_size: examples (multipack: packed rows) per batch on one rank.
+        seed: data-order seed.
+        num_replicas, rank: data-parallel world size and this rank (default 1, 0).
+        max_seq_len: packed row length for multipack (default ``data_config.max_seq_len``).
+    """
+    d = data_config
+    common = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
+    if d.batching == "random":
+        return RandomBatchSampler(lengths, batch_size, **common)
+    if d.batching == "bucket":
+        return BucketBatchSampler(lengths, batch_size, bucket_size_multiplier=d.bucket_size_multiplier, **common)
+    if d.batching == "token_budget":
+        if d.max_tokens_per_batch is None:
+            raise DataError("data.max_tokens_per_batch: required when data.batching is 'token_budget'")
+        return TokenBudgetBatchSampler(lengths, d.max_tokens_per_batch, pad_to_multiple_of=d.pad_to_multiple_of,
+                                       **common)
+    if d.batching == "multipack":
+        return MultipackBatchSampler(lengths, max_seq_len or d.max_seq_len, batch_size, **common)
+    raise DataError(f"data.batching: unknown strategy {d.batching!r}; valid: random, bucket, token_budget, multipack")
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class DataManager:
+    """Datasets, collator and batch samplers for causal-LM fine-tuning.
+
+    Args:
+        training_config: the ``training`` section (batch sizes, seed, data_seed).
+        hardware_config: the ``hardware`` section (dataloader workers, pin memory, prefetch).
+        tokenizer: a transformers tokenizer (its chat template renders chat and instruction data).
+        text_field_max_len: maximum tokens per example when ``data_config`` is not given (default 512).
+        data_config: the ``data`` section (default ``DataConfig()``); its ``max_seq_len`` wins.
+        seed: data-order seed (default ``training.data_seed``, else ``training.seed``).
+    """
+
+    def __init__(self, training_config: Any, hardware_config: Any, tokenizer: Any, text_field_max_len: int = 512,
+                 data_config: DataConfig | None = None, seed: int | None = None):
+        self.training = training_config
+        self.hardware = hardware_config
+        self.tokenizer = tokenizer
+        self.data_config = data_config if data_config is not None else DataConfig()
+        self.max_seq_len = int(data_config.max_seq_len if data_config is not None else text_field_max_len)
+        if seed is None:
+            seed = training_config.data_seed if getattr(training_config, "data_seed", None) is not None \
+                else training_config.seed
+        self.seed = int(seed)
+        d = self.data_config
+        self.encoder = ExampleEncoder(
+            tokenizer, self.max_seq_len, truncation=d.truncation, completion_only_loss=d.completion_only_loss,
+            fields={"text": d.text_field, "instruction": d.instruction_field, "input": d.input_field,
+                    "response": d.response_field, "messages": d.messages_field},
+        )
+        self.collator = PaddingCollator(self.pad_token_id, d.pad_to_multiple_of, d.padding_side)
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, else its eos id, else 0 (padded positions are masked either way)."""
+        for name in ("pad_token_id", "eos_token_id"):
+            val = getattr(self.tokenizer, name, None)
+            if val is not None:
+                return int(val)
+        return 0
+
+    # ---- datasets -------------------------------------------------------------------------
+
+    def _fields(self) -> dict[str, str]:
+        d = self.data_config
+        return {"text": d.text_field, "instruction": d.instruction_field, "response": d.response_field,
+                "messages": d.messages_field}
+
+    def build_dataset(self, examples: list[Any], source: str = "<list>", split: str = "train") -> TokenizedDataset:
+        """Tokenize a Python list of strings (text) or dicts (any format) into a :class:`TokenizedDataset`.
+
+        Args:
+            examples: strings, or dicts with the columns of one format.
+            source: name used in messages and ``stats`` (default ``"<list>"``).
+            split: ``"train"`` or ``"eval"``: the key of this dataset in ``stats``.
+        """
+        if not examples:
+            raise DataError(f"{source}: the dataset is empty (no examples)")
+        if all(isinstance(e, str) for e in examples):
+            columns = {self.data_config.text_field}
+            examples = [{self.data_config.text_field: e} for e in examples]
+        elif all(isinstance(e, dict) for e in examples):
+            columns = set(examples[0])
+            for e in examples[1:]:
+                columns &= set(e)
+        else:
+            kinds = sorted({type(e).__name__ for e in examples})
+            raise DataError(f"{source}: examples must all be strings or all dicts, got {', '.join(kinds)}")
+        fmt = detect_format(columns, self.data_config.format, self._fields(), source)
+        ds = self.encoder.encode_all(examples, fmt, source)
+        self.stats[split] = ds.stats.as_dict() | {"source": source}
+        return ds
+
+    def load_datasets(self) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+        """Read ``data.train_path`` (and ``eval_path``, else hold out ``eval_split_ratio`` of train).
+
+        Returns:
+            ``(train_dataset, eval_dataset_or_None)``; the counts of kept, truncated and dropped
+            examples are logged and kept in ``self.stats``.
+        """
+        d = self.data_config
+        if not d.train_path:
+            raise DataError("data.train_path: no training data given (a file path or 'hub:<dataset id>')")
+        train_rows = read_records(d.train_path, d.hub_config_name, d.hub_train_split)
+        eval_rows, eval_source = None, None
+        if d.eval_path:
+            eval_rows = read_records(d.eval_path, d.hub_config_name, d.hub_eval_split or d.hub_train_split)
+            eval_source = d.eval_path
+        elif d.eval_split_ratio > 0 and len(train_rows) > 1:
+            order = list(range(len(train_rows)))
+            random.Random(self.seed).shuffle(order)
+            n_eval = min(len(train_rows) - 1, max(1, round(len(train_rows) * d.eval_split_ratio)))
+            held = set(order[:n_eval])
+            eval_rows = [r for i, r in enumerate(train_rows) if i in held]
+            train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+            eval_source = f"{d.train_path} (held-out {d.eval_split_ratio:g})"
+        if d.max_train_samples is not None:
+            train_rows = train_rows[: d.max_train_samples]
+        if eval_rows is not None and d.max_eval_samples is not None:
+            eval_rows = eval_rows[: d.max_eval_samples]
+        train = self.build_dataset(train_rows, d.train_path, "train")
+        evald = self.build_dataset(eval_rows, eval_source, "eval") if eval_rows else None
+        return train, evald
+
+    # ---- batching -------------------------------------------------------------------------
+
+    def build_batch_sampler(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None,
+                            batch_size: int | None = None):
+        """The ``data.batching`` batch sampler over ``dataset`` for this rank.
+
+        Args:
+            dataset: a tokenized dataset (lengths from ``dataset.lengths`` or its ``input_ids``).
+            num_replicas, rank: world size and rank (default: torch.distributed's, else 1 and 0).
+            batch_size: per-device batch size (default ``training.per_device_train_batch_size``).
+        """
+        world, me = _distributed()
+        return make_batch_sampler(
+            self.data_config, dataset_lengths(dataset),
+            batch_size or self.training.per_device_train_batch_size, self.seed,
+            num_replicas=world if num_replicas is None else num_replicas, rank=me if rank is None else rank,
+            max_seq_len=self.max_seq_len,
+        )
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        h = self.hardware
+        kw: dict[str, Any] = {"num_workers": h.dataloader_num_workers, "pin_memory": h.dataloader_pin_memory}
+        if h.dataloader_num_workers > 0:
+            kw["persistent_workers"] = h.dataloader_persistent_workers
+            if h.dataloader_prefetch_factor is not None:
+                kw["prefetch_factor"] = h.dataloader_prefetch_factor
+        return kw
+
+    def create_loaders(self, train_texts: list[Any], val_texts: list[Any] | None = None):
+        """Tokenize Python lists and build ``(train_loader, val_loader)`` for a standalone loop.
+
+        The train loader uses the ``data.batching`` batch sampler (rank-aware under
+        torch.distributed; call ``train_loader.batch_sampler.set_epoch(epoch)`` each epoch, its
+        ``state_dict()`` resumes mid-epoch); the val loader keeps the given order in batches of
+        ``training.per_device_eval_batch_size``. ``val_loader`` is None when ``val_texts`` is empty.
+        """
+        train = self.build_dataset(list(train_texts), "train_texts", "train")
+        sampler = self.build_batch_sampler(train)
+        train_ds = PackedDataset(train) if isinstance(sampler, MultipackBatchSampler) else train
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=self.collator, **self._loader_kwargs())
+        val_loader = None
+        if val_texts:
+            val = self.build_dataset(list(val_texts), "val_texts", "eval")
+            batches = BatchSampler(SequentialSampler(val), self.training.per_device_eval_batch_size, drop_last=False)
+            val_loader = DataLoader(val, batch_sampler=batches, collate_fn=self.collator, **self._loader_kwargs())
+        return train_loader, val_loader
