@@ -136,9 +136,12 @@ class ModelManager:
                 logger.info("Tokenizer has no pad token; padding with EOS %r (labels mask padding anyway)",
                             tokenizer.eos_token)
             else:
+                before = len(tokenizer)
                 tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-                self.added_tokens.append("<|pad|>")
-                logger.info("Tokenizer has neither pad nor EOS token; added <|pad|> (embeddings will be resized)")
+                if len(tokenizer) > before:  # not already in the vocabulary: it needs an embedding row
+                    self.added_tokens.append("<|pad|>")
+                logger.info("Tokenizer has neither pad nor EOS token; padding with <|pad|>%s",
+                            " (a new token: embeddings will be resized)" if self.added_tokens else "")
         self.tokenizer = tokenizer
         return tokenizer
 
