@@ -138,6 +138,11 @@ def collect_problems(cfg: "TrainerConfig", cuda_available: bool | None = None) -
         val = getattr(d, key)
         if val is not None:
             need(val >= 1, f"data.{key}: must be >= 1, got {val}")
+    need(d.bucket_size_multiplier >= 1, f"data.bucket_size_multiplier: must be >= 1, got {d.bucket_size_multiplier}")
+    if d.batching == "multipack":
+        need(m.attn_implementation in ("sdpa", "eager", "flex_attention", "flash_attention_2"),
+             f"data.batching: 'multipack' needs an attention that isolates packed sequences (sdpa, eager, "
+             f"flex_attention, flash_attention_2), got model.attn_implementation={m.attn_implementation!r}")
 
     # ---- checkpoint ----
     need(c.every_n_steps >= 0, f"checkpoint.every_n_steps: must be >= 0, got {c.every_n_steps}")
