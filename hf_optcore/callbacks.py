@@ -38,3 +38,143 @@ class TrainingReportCallback(TrainerCallback):
             write_report(out, state.log_history, self.config)
         except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
             logging.getLogger(__name__).warning("could not write the training report in %s: %s", out, exc)
+
+
+class CheckpointCallback(TrainerCallback):
+    """At the end of each optimizer step: on SIGTERM/SIGUSR1 save and stop; with
+    ``checkpoint.every_n_steps=0`` save once at the final step.
+
+    Args:
+        checkpointing: the trainer's ``TrainerCheckpointing`` (``hf_optcore.checkpoint_manager``).
+    """
+
+    def __init__(self, checkpointing):
+        self.checkpointing = checkpointing
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.checkpointing.on_step_end(control)
+        return control
+
+
+class EMACallback(TrainerCallback):
+    """Keeps the run's :class:`~hf_optcore.ema_manager.EMAManager`: one update per optimizer step.
+
+    ``on_step_end`` fires once per optimizer step (micro-batches under gradient accumulation
+    fire ``on_substep_end``), so the EMA never averages a half-accumulated step. The manager is
+    built on the model the Trainer trains; at ``on_train_begin``, after Accelerate wrapped it,
+    it is rebuilt if the parameters were replaced (FSDP sharding) so that each rank averages
+    its own shard. The callback is also the checkpointed component ``optcore_state["ema"]``:
+    ``state_dict()`` / ``load_state_dict()`` delegate to the manager.
+
+    Args:
+        config: the run's ``EMAConfig``.
+        get_model: returns the Trainer's current model.
+        on_train_end: called with the manager when training ends (export, final weights).
+    """
+
+    def __init__(self, config, get_model, on_train_end=None):
+        self.config = config
+        self._get_model = get_model
+        self._on_train_end = on_train_end
+        self.manager = None
+        self._pending = None
+
+    def ensure_manager(self):
+        """The EMAManager, built on the Trainer's current model when missing or stale."""
+        from hf_optcore.ema_manager import EMAManager
+
+        model = self._get_model()
+        if self.manager is not None and self._tracks(model):
+            return self.manager
+        self.manager = EMAManager(self.config, model)
+        if self._pending is not None:
+            self.manager.load_state_dict(self._pending)
+        return self.manager
+
+    def _tracks(self, model) -> bool:
+        # Same parameter objects: DDP keeps them; FSDP replaces them with sharded ones.
+        current = {id(p) for p in model.parameters() if p.requires_grad}
+        return {id(p) for n, p in self.manager._params.items() if not n.startswith("buffer:")} == current
+
+    def state_dict(self):
+        return self.ensure_manager().state_dict()
+
+    def load_state_dict(self, state):
+        self._pending = state  # kept in case the parameters are re-sharded before training starts
+        if self.manager is not None:
+            self.manager.load_state_dict(state)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ensure_manager()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        (self.manager or self.ensure_manager()).update(state.global_step)
+        self._pending = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._on_train_end is not None:
+            self._on_train_end(self.ensure_manager())
+
+
+class DataThroughputCallback(TrainerCallback):
+    """Padding fraction and real (non-pad) tokens per second of the training batches.
+
+    ``OptCoreTrainer.training_step`` feeds every micro-batch to :meth:`observe`; at each logging
+    step ``OptCoreTrainer.log`` adds :meth:`pop_metrics` (``padding_fraction``,
+    ``real_tokens_per_second``, ``real_tokens``) to the Trainer's logs. It also keeps the train
+    batch sampler's ``consumed`` count equal to the batches the loop really used (the
+    dataloader prefetches ahead of the loop, so the sampler cannot count them itself).
+
+    Args:
+        sampler: the train batch sampler (optional): gets ``epoch`` / ``consumed`` at every step.
+        gradient_accumulation_steps: micro-batches per optimizer step (default 1).
+    """
+
+    def __init__(self, sampler=None, gradient_accumulation_steps: int = 1):
+        import time
+
+        self._clock = time.perf_counter
+        self.sampler = sampler
+        self.gradient_accumulation_steps = max(1, int(gradient_accumulation_steps))
+        self.real = 0
+        self.total = 0
+        self.run_real = 0
+        self.run_total = 0
+        self._since = self._clock()
+
+    def observe(self, real_tokens: int, total_tokens: int) -> None:
+        """Count one micro-batch: its non-pad tokens and its padded size (rows x width)."""
+        self.real += int(real_tokens)
+        self.total += int(total_tokens)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Metrics since the previous call (empty when no batch was seen), then reset."""
+        now = self._clock()
+        if self.total == 0:
+            return {}
+        out = {
+            "padding_fraction": round(1.0 - self.real / self.total, 6),
+            "real_tokens_per_second": round(self.real / max(now - self._since, 1e-9), 3),
+            "real_tokens": self.real,
+        }
+        self.run_real += self.real
+        self.run_total += self.total
+        self.real = self.total = 0
+        self._since = now
+        return out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.real = self.total = 0
+        self._since = self._clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        s = self.sampler
+        if s is None or state.global_step <= 0:
+            return
+        n = len(s)
+        ga = self.gradient_accumulation_steps
+        steps_per_epoch = max(1, -(-n // ga))  # the Trainer's num_update_steps_per_epoch
+        epoch = (state.global_step - 1) // steps_per_epoch
+        done = state.global_step - epoch * steps_per_epoch
+        s.epoch = epoch
+        s.consumed = min(n, done * ga)
