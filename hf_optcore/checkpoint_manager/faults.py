@@ -1,0 +1,151 @@
+"""Fault handling that needs no training framework: preemption signals and non-finite steps."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import signal
+import threading
+from typing import Any
+
+import torch
+
+from hf_optcore.errors import OptCoreError
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(OptCoreError, FloatingPointError):
+    """Training hit a non-finite loss or gradient norm and was told (or forced) to stop."""
+
+
+class PreemptionHandler:
+    """Turns SIGTERM / SIGUSR1 into a flag that the loop checks at the end of each optimizer step.
+
+    Args:
+        signals: the signals to catch (default SIGTERM and SIGUSR1 where the platform has it).
+    """
+
+    def __init__(self, signals: tuple[int, ...] | None = None):
+        if signals is None:
+            signals = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+        self.signals = signals
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> bool:
+        """Install the handlers; False (with a warning) when not in the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("preemption handling needs the main thread; SIGTERM will not save a checkpoint")
+            return False
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return True
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+        self.received = signum
+        logger.warning("received signal %s: finishing the current step, then saving and exiting", signum)
+
+    def requested(self) -> bool:
+        """Whether any rank received a signal (all-reduced in a process group, so all ranks agree)."""
+        flag = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([1.0 if flag else 0.0])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        return flag
+
+
+def _is_finite(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all())
+    return math.isfinite(float(value))
+
+
+class NonFiniteGuard:
+    """Skips an optimizer step whose loss or gradient norm is non-finite, or stops the run.
+
+    The guard wraps ``optimizer.step`` once: an armed step does nothing and reports itself
+    skipped (``step_was_skipped`` on Accelerate's optimizer), so the scheduler is not stepped
+    either; parameters and optimizer moments stay untouched.
+
+    Args:
+        on_nonfinite: ``"skip"`` or ``"stop"``.
+        max_consecutive: stop after this many consecutive bad steps.
+    """
+
+    def __init__(self, on_nonfinite: str = "skip", max_consecutive: int = 5):
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped_steps: list[int] = []
+        self.last_step_skipped = False
+        self._bad_loss = False
+        self._armed = False
+        self._wrapped: Any = None
+
+    def observe_loss(self, loss: Any) -> None:
+        """Record a micro-batch loss; a non-finite one marks the current optimizer step bad."""
+        if not _is_finite(loss):
+            self._bad_loss = True
+
+    def check(self, grad_norm: Any, step: int) -> bool:
+        """Decide on the step about to be taken; True when it will be skipped.
+
+        Raises:
+            NonFiniteError: with ``on_nonfinite="stop"``, or after ``max_consecutive`` bad steps.
+        """
+        bad = self._bad_loss or not _is_finite(grad_norm)
+        self._bad_loss = False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([1.0 if bad else 0.0])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            bad = bool(t.item() > 0)
+        if not bad:
+            self.consecutive = 0
+            self._armed = self.last_step_skipped = False
+            return False
+        self.consecutive += 1
+        what = f"non-finite loss or gradient norm ({grad_norm}) at optimizer step {step + 1}"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(f"{what}; checkpoint.on_nonfinite is 'stop', so training stops here "
+                                 f"(the last saved checkpoint is intact)")
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{what}: {self.consecutive} consecutive non-finite steps reached "
+                f"checkpoint.max_consecutive_nonfinite={self.max_consecutive}; training stops "
+                f"(the last saved checkpoint is intact)"
+            )
+        logger.warning("%s: step skipped (%d in a row)", what, self.consecutive)
+        self.skipped_steps.append(step + 1)
+        self._armed = self.last_step_skipped = True
+        return True
+
+    def wrap(self, optimizer: Any) -> None:
+        """Route ``optimizer.step`` through the guard (idempotent)."""
+        if optimizer is None or self._wrapped is optimizer:
+            return
+        original = optimizer.step
+
+        # wraps() keeps the scheduler's marker on step, so torch does not warn about an override.
+        @functools.wraps(original)
+        def step(*args, **kwargs):
+            if self._armed:
+                self._armed = False
+                if hasattr(optimizer, "_is_overflow"):
+                    optimizer._is_overflow = True  # Accelerate then skips the scheduler step
+                return None
+            if hasattr(optimizer, "_is_overflow"):
+                optimizer._is_overflow = False
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+        self._wrapped = optimizer

@@ -1,0 +1,219 @@
+"""Atomic checkpoint directories: write beside, fsync, manifest last, rename into place.
+
+A checkpoint directory ``checkpoint-<step>`` counts only when its ``manifest.json`` is present:
+the manifest is the last file written into a temporary sibling directory, which is then renamed
+into place and the parent directory fsynced. A crash at any point leaves either no
+``checkpoint-<step>`` or a complete one; temporary leftovers are removed at the next start.
+Verification re-reads every file and compares its size and sha256 with the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_optcore.errors import CheckpointError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+TRASH_PREFIX = ".trash-checkpoint-"
+_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class CheckpointInfo:
+    """A complete (manifest-bearing) checkpoint directory.
+
+    Args:
+        path: the ``checkpoint-<step>`` directory.
+        step: the optimizer step it was saved at.
+        metrics: the metrics recorded with it (may be empty).
+        manifest: the parsed manifest.
+    """
+
+    path: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename itself durable; not every platform allows it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_under(root: Path) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != MANIFEST_NAME:
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def tmp_dir_for(output_dir: Path, step: int) -> Path:
+    return output_dir / f"{TMP_PREFIX}{step}"
+
+
+def begin(output_dir: Path, step: int) -> Path:
+    """Create a fresh temporary directory for the checkpoint of ``step``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir_for(output_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, step: int, meta: dict[str, Any], durable: bool = True) -> Path:
+    """fsync every file, write the manifest last, rename ``tmp`` to ``checkpoint-<step>``.
+
+    Args:
+        tmp: the temporary directory holding every file of the checkpoint.
+        step: optimizer step (names the final directory).
+        meta: extra manifest entries (metrics, config hash, topology, ...).
+        durable: fsync files and directories (``False`` only for benchmarks).
+    """
+    files = {}
+    for rel in _files_under(tmp):
+        p = tmp / rel
+        if durable:
+            fsync_file(p)
+        files[rel] = {"size": p.stat().st_size, "sha256": sha256_of(p)}
+    manifest = {"schema_version": SCHEMA_VERSION, "step": int(step), "created": time.time(), **meta, "files": files}
+    mpath = tmp / MANIFEST_NAME
+    with open(mpath, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.flush()
+        if durable:
+            os.fsync(fh.fileno())
+    if durable:
+        fsync_dir(tmp)
+    final = tmp.parent / f"{PREFIX}{step}"
+    if final.exists():
+        # Re-saving a step (a resumed run reaching it again): move the old one aside first so the
+        # name always points at a complete checkpoint, then drop it.
+        trash = tmp.parent / f"{TRASH_PREFIX}{step}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    if durable:
+        fsync_dir(tmp.parent)
+    return final
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The parsed manifest of ``path``, or None when it is missing or unreadable (incomplete)."""
+    mpath = Path(path) / MANIFEST_NAME
+    try:
+        with open(mpath, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or "files" not in manifest or "step" not in manifest:
+        return None
+    return manifest
+
+
+def list_complete(output_dir: str | os.PathLike) -> list[CheckpointInfo]:
+    """Every manifest-complete ``checkpoint-<step>`` under ``output_dir``, sorted by step."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in root.iterdir():
+        m = _DIR_RE.match(entry.name)
+        if not m or not entry.is_dir():
+            continue
+        manifest = read_manifest(entry)
+        if manifest is None:
+            continue
+        out.append(CheckpointInfo(entry, int(manifest["step"]), dict(manifest.get("metrics") or {}), manifest))
+    return sorted(out, key=lambda c: c.step)
+
+
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest; return the manifest.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the first missing, truncated or altered file.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {str(root)!r} is incomplete: {MANIFEST_NAME} is missing or unreadable")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(root)!r}: manifest schema_version {manifest.get('schema_version')!r} is not "
+            f"supported; this hf_optcore reads {SCHEMA_VERSION}"
+        )
+    for rel, entry in sorted(manifest["files"].items()):
+        p = root / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} listed in the manifest is missing")
+        size = p.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(
+                f"checkpoint {str(root)!r}: file {rel!r} is {size} bytes, the manifest says {entry['size']} "
+                f"(truncated or altered)"
+            )
+        if sha256_of(p) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} does not match its sha256 in the manifest")
+    return manifest
+
+
+def remove_leftovers(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary and half-deleted directories of interrupted saves; return what was removed.
+
+    A ``checkpoint-<step>`` without a manifest cannot come from this protocol (the rename happens
+    after the manifest), so it is left alone and simply never listed.
+    """
+    root = Path(output_dir)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
