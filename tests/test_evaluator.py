@@ -148,3 +148,78 @@ def test_unknown_metric_name_is_a_clear_error(tiny_model, tmp_path):
     cfg = TrainingConfig(eval_metrics=[str(tmp_path / "nope.py")])
     with pytest.raises(ValueError, match="training.eval_metrics: cannot load evaluate metric"):
         Evaluator(cfg, tiny_model, _batches(_examples(), 3), "cpu").evaluate()
+
+
+# ---- two processes (gloo) -------------------------------------------------------------------
+
+WORKER = '''
+import json, sys
+import torch
+torch.set_num_threads(1)
+from hf_optcore import OptCoreTrainer
+from hf_optcore.config import TrainerConfig
+from hf_optcore.tiny import build_tiny_model
+
+out = sys.argv[1]
+g = torch.Generator().manual_seed(11)
+rows = []
+for i in range(7):  # odd count, unequal lengths: the 2-process shards are uneven and padded by Accelerate
+    n = 5 + (i * 11) % 23
+    ids = torch.randint(0, 256, (n,), generator=g).tolist()
+    rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+
+def collate(batch):
+    t = max(len(r["input_ids"]) for r in batch)
+    ids = torch.full((len(batch), t), 259); lab = torch.full((len(batch), t), -100)
+    mask = torch.zeros((len(batch), t), dtype=torch.long)
+    for j, r in enumerate(batch):
+        n = len(r["input_ids"])
+        ids[j, :n] = torch.tensor(r["input_ids"]); lab[j, :n] = torch.tensor(r["labels"]); mask[j, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+cfg = TrainerConfig.from_dict({"output_dir": out, "model": {"lora": {"enabled": False}},
+    "training": {"per_device_eval_batch_size": 2, "max_steps": 1},
+    "hardware": {"use_cpu": True, "dataloader_pin_memory": False}, "ema": {"enabled": True, "decay": 0.9}})
+trainer = OptCoreTrainer(build_tiny_model("llama", seed=0), args=cfg, eval_dataset=rows, data_collator=collate)
+ema = trainer.optcore_state["ema"].manager
+with torch.no_grad():
+    for s in ema.shadow.values():
+        s.mul_(0.9)  # EMA weights that differ from the live ones
+metrics = trainer.evaluate()
+if trainer.args.process_index == 0:
+    metrics["world_size"] = trainer.args.world_size
+    json.dump(metrics, open(out + "/metrics.json", "w"))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "eval_worker.py"
+    script.write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(repo), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        out.mkdir()
+        cmd = [sys.executable]
+        if nproc > 1:
+            cmd += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+        proc = subprocess.run(cmd + [str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[nproc] = json.loads((out / "metrics.json").read_text())
+    one, two = results[1], results[2]
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert two["eval_num_tokens"] == one["eval_num_tokens"]  # Accelerate's padding samples are not counted
+    for key in ("eval_loss", "eval_token_accuracy", "eval_ema_loss", "eval_ema_token_accuracy"):
+        assert abs(two[key] - one[key]) < 1e-6, (key, one[key], two[key])
+    assert one["eval_ema_loss"] != one["eval_loss"]
