@@ -213,7 +213,7 @@ def test_bundled_gguf_converts_once_into_a_trainable_cache(tmp_path, monkeypatch
     model = mm.load_model()
     assert type(model.get_base_model()).__name__ == "LlamaForCausalLM"
     assert len(mm.lora_report.module_names) == 7 * model.get_base_model().config.num_hidden_layers
-    x = tok("Hello", return_tensors="pt")["input_ids"]
+    x = tok("Hello, how are you today? The hacker's dictionary.", return_tensors="pt")["input_ids"]
     loss = model(input_ids=x, labels=x).loss
     assert torch.isfinite(loss) and loss.item() < 15
     loss.backward()

@@ -263,8 +263,14 @@ class ModelManager:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=self.config.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        dropout = lora.dropout
+        if report.parameter_names and dropout > 0:
+            # peft's ParamWrapper (fused 3-D expert weights) has no dropout; the default must still work.
+            logger.warning("model.lora.dropout=%s ignored: LoRA on fused MoE expert weights (%s) supports no "
+                           "dropout, so the whole adapter uses 0", dropout, report.rows[-1].pattern)
+            dropout = 0.0
         peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, task_type="CAUSAL_LM",
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout, bias=lora.bias, task_type="CAUSAL_LM",
             target_modules=report.target_modules, target_parameters=report.target_parameters,
             modules_to_save=list(lora.modules_to_save) or None, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
             fan_in_fan_out=any(row.kind == "Conv1D" for row in report.rows))  # GPT-2 stores weights in x out
@@ -293,6 +299,8 @@ class ModelManager:
         if self.added_tokens and is_peft_model(model) and variant != "merged":
             # The adapter alone cannot rebuild rows the base checkpoint lacks: store the embeddings too.
             model.save_pretrained(out, save_embedding_layers=True)
+        # Replaces peft's placeholder card; the recipe rewrites it with metrics via write_model_card.
+        self.write_model_card(out, variant=variant)
         logger.info("Saved %s model to %s", variant, out)
         return out
 
@@ -336,7 +344,8 @@ class ModelManager:
                 folder = folder / "ema"
             if not folder.is_dir():
                 raise FileNotFoundError(f"push_to_hub: {str(folder)!r} is not a folder")
-            if not (folder / "README.md").is_file():
+            card_path = folder / "README.md"
+            if card or not card_path.is_file() or "hf_optcore version" not in card_path.read_text(errors="ignore"):
                 self.write_model_card(folder, variant=variant, **card)
             return push_folder_to_hub(folder, repo_id, token=token, private=private, commit_message=commit_message)
         with tempfile.TemporaryDirectory(prefix="hf_optcore_push_") as tmp:
