@@ -51,6 +51,9 @@ class CheckpointCallback(TrainerCallback):
     def __init__(self, checkpointing):
         self.checkpointing = checkpointing
 
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.checkpointing.on_train_begin(train_dataloader)
+
     def on_step_end(self, args, state, control, **kwargs):
         self.checkpointing.on_step_end(control)
         return control

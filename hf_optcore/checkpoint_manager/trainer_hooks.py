@@ -15,6 +15,7 @@ that state for the pending batch and the step-k state right after it.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import json
 import logging
@@ -130,9 +131,7 @@ class TrainerCheckpointing:
             self._resume_state = mgr.rank_state(path)
             self._rng_done = self._components_done = False
             logger.info("resuming from %s (step %s)", path, manifest["step"])
-        t = self.trainer
-        self.tracker = CollateRNGTracker(t.data_collator)
-        t.data_collator = self.tracker
+        self.tracker = None
         self.preempted = False
         self._first_pull_done = False
         self.preemption.received = None
@@ -140,10 +139,17 @@ class TrainerCheckpointing:
             self.preemption.install()
         return str(path) if path is not None else None
 
+    def on_train_begin(self, train_dataloader: Any) -> None:
+        """Wrap the prepared train dataloader's collator (the skip-loader of a resume copies it)."""
+        base = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        if base is None or not hasattr(base, "collate_fn"):
+            return
+        if not isinstance(base.collate_fn, CollateRNGTracker):
+            base.collate_fn = CollateRNGTracker(base.collate_fn)
+        self.tracker = base.collate_fn
+
     def end_train(self) -> None:
         self.preemption.uninstall()
-        if self.tracker is not None and self.trainer.data_collator is self.tracker:
-            self.trainer.data_collator = self.tracker.collate
         self.tracker = None
 
     # ---- save ---------------------------------------------------------------------------
@@ -240,11 +246,19 @@ class TrainerCheckpointing:
 
     def check_grad_norm(self, grad_norm: Any) -> None:
         self.guard.wrap(self.trainer.optimizer)
-        self.guard.check(grad_norm, self.trainer.state.global_step)
+        if self.guard.check(grad_norm, self.trainer.state.global_step):
+            ema = self.trainer.optcore_state.get("ema")
+            # The EMA callback updates at every step end; a skipped step must leave it as it was.
+            self._ema_backup = copy.deepcopy(ema.state_dict()) if ema is not None else None
+
+    _ema_backup = None
 
     def on_step_end(self, control: Any) -> None:
         """Preemption: save now and stop; with ``every_n_steps=0``, save at the final step."""
         t = self.trainer
+        if self._ema_backup is not None:
+            t.optcore_state["ema"].load_state_dict(self._ema_backup)
+            self._ema_backup = None
         if self.config.save_on_preemption and self.preemption.requested():
             self.preempted = True
             control.should_save = True
