@@ -216,7 +216,11 @@ class DataManager:
 
     def _loader_kwargs(self) -> dict[str, Any]:
         h = self.hardware
-        kw: dict[str, Any] = {"num_workers": h.dataloader_num_workers, "pin_memory": h.dataloader_pin_memory}
+        import torch
+
+        # Pinning without an accelerator only warns; it cannot speed anything up.
+        pin = h.dataloader_pin_memory and torch.cuda.is_available()
+        kw: dict[str, Any] = {"num_workers": h.dataloader_num_workers, "pin_memory": pin}
         if h.dataloader_num_workers > 0:
             kw["persistent_workers"] = h.dataloader_persistent_workers
             if h.dataloader_prefetch_factor is not None:

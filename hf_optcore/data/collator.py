@@ -11,10 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PaddingCollator", "REAL_TOKENS_KEY"]
-
-REAL_TOKENS_KEY = "num_real_tokens"
-"""Batch key (only with ``count_tokens=True``) holding the non-pad tokens; the Trainer pops it."""
+__all__ = ["PaddingCollator", "count_real_tokens"]
 
 
 def _as_list(x: Any) -> list[int]:
@@ -29,19 +26,19 @@ class PaddingCollator:
     :class:`~hf_optcore.data.packing.PackedDataset`) are padded on the right and get
     ``position_ids`` instead of an attention mask, plus ``use_cache=False``: transformers only
     detects packed sequences from restarting position ids when no 2D mask and no cache are
-    given. The padding tail of a packed row is its own sequence (positions restart at 0), so
-    it never attends to, or is attended by, a real token.
+    given. Every padding token of a packed row is a sequence of its own (position id 0), so it
+    never attends to, or is attended by, a real token, and :func:`count_real_tokens` can tell
+    it from a real example (whose length is >= 2).
 
     Args:
         pad_token_id: id written into padded positions (default 0; they are masked anyway).
         pad_to_multiple_of: round the padded length up to a multiple of this (default None).
         padding_side: ``"right"`` (default) or ``"left"`` (plain examples only).
         label_pad_token_id: label of padded positions (default -100).
-        count_tokens: also return ``num_real_tokens`` (non-pad tokens) for throughput metering.
     """
 
     def __init__(self, pad_token_id: int | None = 0, pad_to_multiple_of: int | None = None,
-                 padding_side: str = "right", label_pad_token_id: int = -100, count_tokens: bool = False):
+                 padding_side: str = "right", label_pad_token_id: int = -100):
         if padding_side not in ("right", "left"):
             raise ValueError(f"PaddingCollator: padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
@@ -50,7 +47,6 @@ class PaddingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
         self.label_pad_token_id = label_pad_token_id
-        self.count_tokens = count_tokens
 
     def _target_len(self, longest: int) -> int:
         m = self.pad_to_multiple_of
@@ -74,7 +70,6 @@ class PaddingCollator:
                 input_ids[r, :k] = torch.tensor(x, dtype=torch.long)
                 label_t[r, :k] = torch.tensor(y, dtype=torch.long)
                 position_ids[r, :k] = torch.tensor(_as_list(f["position_ids"]), dtype=torch.long)
-                position_ids[r, k:] = torch.arange(width - k)
             batch.update(input_ids=input_ids, labels=label_t, position_ids=position_ids, use_cache=False)
         else:
             attention_mask = torch.zeros((n, width), dtype=torch.long)
@@ -85,6 +80,19 @@ class PaddingCollator:
                 label_t[r, sl] = torch.tensor(y, dtype=torch.long)
                 attention_mask[r, sl] = 1
             batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=label_t)
-        if self.count_tokens:
-            batch[REAL_TOKENS_KEY] = torch.tensor(sum(len(x) for x in ids), dtype=torch.long)
         return batch
+
+
+def count_real_tokens(batch: dict[str, Any]) -> int:
+    """Non-pad tokens of a collated batch (from its attention mask, or its packed position ids)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    pos = batch.get("position_ids")
+    ids = batch["input_ids"]
+    if pos is None:
+        return ids.numel()
+    # A padding token of a packed row is position 0 followed by position 0 or the row's end;
+    # a real example (length >= 2) always continues its position 0 with 1.
+    nxt = torch.cat([pos[:, 1:], torch.zeros_like(pos[:, :1])], dim=1)
+    return int((~((pos == 0) & (nxt == 0))).sum())

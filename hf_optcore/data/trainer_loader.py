@@ -45,13 +45,12 @@ def check_packing_support(model: Any) -> None:
         )
 
 
-def build_train_dataloader(trainer: Any, make_sampler, count_tokens: bool = True):
+def build_train_dataloader(trainer: Any, make_sampler):
     """Build, prepare and return ``(dataloader, batch_sampler)`` for ``trainer.train_dataset``.
 
     Args:
-        trainer: an ``OptCoreTrainer`` (uses its args, accelerator, data collator and tokenizer).
+        trainer: an ``OptCoreTrainer`` (uses its args, accelerator, model and data collator).
         make_sampler: ``callable(dataset, num_replicas, rank) -> batch sampler``.
-        count_tokens: let our collator report real tokens for the throughput meter.
     """
     from transformers.trainer_utils import seed_worker
 
@@ -61,20 +60,15 @@ def build_train_dataloader(trainer: Any, make_sampler, count_tokens: bool = True
     rank = args.process_index if world > 1 else 0
     sampler = make_sampler(dataset, world, rank)
     collator = trainer.data_collator
-    ours = isinstance(collator, PaddingCollator)
-    if not ours and _is_hf_default_collator(collator):
-        collator, ours = _collator_for(trainer), True
     if isinstance(sampler, MultipackBatchSampler):
-        if not ours:
+        base = _unwrap(collator)
+        if not isinstance(base, PaddingCollator):
             raise DataError(
                 f"data.batching='multipack' needs hf_optcore's PaddingCollator (it emits position_ids), "
-                f"got data_collator={type(collator).__name__}"
+                f"got data_collator={type(base).__name__}"
             )
         check_packing_support(trainer.model)
         dataset = PackedDataset(dataset)
-    if ours:
-        collator = PaddingCollator(collator.pad_token_id, collator.pad_to_multiple_of, collator.padding_side,
-                                   collator.label_pad_token_id, count_tokens=count_tokens)
     kwargs: dict[str, Any] = {
         "batch_sampler": sampler,
         "collate_fn": collator,
@@ -96,16 +90,24 @@ def build_train_dataloader(trainer: Any, make_sampler, count_tokens: bool = True
     return loader, sampler
 
 
-def _is_hf_default_collator(collator: Any) -> bool:
+def _unwrap(collator: Any) -> Any:
+    """The collator inside wrappers that keep it as ``.collate`` (e.g. the checkpoint RNG tracker)."""
+    seen = 0
+    while hasattr(collator, "collate") and not isinstance(collator, PaddingCollator) and seen < 8:
+        collator, seen = collator.collate, seen + 1
+    return collator
+
+
+def default_collator(data_config: Any, tokenizer: Any, current: Any) -> Any:
+    """Our :class:`PaddingCollator` in place of transformers' default collators; a user's own stays.
+
+    transformers' defaults cannot pad ``labels`` of different lengths nor emit packed position ids.
+    """
     from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
 
-    return collator is default_data_collator or type(collator) is DataCollatorWithPadding
-
-
-def _collator_for(trainer: Any) -> PaddingCollator:
-    d = trainer.optcore_config.data
-    tok = trainer.processing_class
-    pad = getattr(tok, "pad_token_id", None)
+    if current is not default_data_collator and type(current) is not DataCollatorWithPadding:
+        return current
+    pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
-        pad = getattr(tok, "eos_token_id", None)
-    return PaddingCollator(pad, d.pad_to_multiple_of, d.padding_side)
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return PaddingCollator(pad, data_config.pad_to_multiple_of, data_config.padding_side)
