@@ -76,6 +76,10 @@ class OptCoreTrainer(Trainer):
             self.optcore_data_meter = DataThroughputCallback(
                 gradient_accumulation_steps=self.args.gradient_accumulation_steps)
             self.add_callback(self.optcore_data_meter)
+            from hf_optcore.data.trainer_loader import default_collator
+
+            # transformers' default collators cannot pad labels nor pack (issue 4); a user's own stays.
+            self.data_collator = default_collator(optcore_config.data, self.processing_class, self.data_collator)
 
     @property
     def extensions_enabled(self) -> bool:
@@ -285,19 +289,11 @@ class OptCoreTrainer(Trainer):
         return loader
 
     def _observe_batch(self, inputs):
-        from hf_optcore.data.collator import REAL_TOKENS_KEY
+        from hf_optcore.data.collator import count_real_tokens
 
         ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
-        if ids is None:
-            return inputs
-        if REAL_TOKENS_KEY in inputs:
-            real = int(inputs[REAL_TOKENS_KEY])
-            inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
-        elif inputs.get("attention_mask") is not None:
-            real = int(inputs["attention_mask"].sum())
-        else:
-            real = ids.numel()
-        self.optcore_data_meter.observe(real, ids.numel())
+        if ids is not None:
+            self.optcore_data_meter.observe(count_real_tokens(inputs), ids.numel())
         return inputs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
