@@ -162,7 +162,7 @@ class HardwareConfig:
     fp16: bool = _f(False, "float16 mixed precision with a gradient scaler (GPU only).")
     tf32: Optional[bool] = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
     fused_optimizer: Literal["auto", "fused", "foreach", "for-loop"] = _f(
-        "auto", "Optimizer kernel: fused on GPU, foreach on CPU when auto."
+        "auto", "Optimizer kernel; auto: fused where the optimizer has one (GPU and CPU), else foreach."
     )
     torch_compile: bool = _f(False, "Compile the model with torch.compile.")
     torch_compile_mode: Optional[str] = _f(None, "torch.compile mode (default, reduce-overhead, max-autotune).")

@@ -163,17 +163,22 @@ def test_flags_decide_which_kwargs_apply():
     model = build_tiny_model("llama", seed=0)
     t = TrainingConfig(optimizer="adamw", adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, weight_decay=0.1)
     kw = OptimizerManager(t, model).optimizer_kwargs()
-    assert kw["betas"] == (0.8, 0.95) and kw["eps"] == 1e-6 and kw["foreach"] is True and "fused" not in kw
+    assert kw["betas"] == (0.8, 0.95) and kw["eps"] == 1e-6 and kw["fused"] is True and "foreach" not in kw
+    lion = OptimizerManager(TrainingConfig(optimizer="lion"), model).optimizer_kwargs()  # no fused kernel
+    assert lion["foreach"] is True and "fused" not in lion
     sgd = OptimizerManager(TrainingConfig(optimizer="sgd", optimizer_kwargs={"momentum": 0.9, "nesterov": True}),
                            model)
     kw = sgd.optimizer_kwargs()
     assert "betas" not in kw and "eps" not in kw and kw["momentum"] == 0.9
     assert sgd.create_optimizer().param_groups[0]["nesterov"] is True
-    fused = OptimizerManager(t, model, hardware=HardwareConfig(fused_optimizer="fused"))
-    assert fused.optimizer_kwargs()["fused"] is True
-    assert fused.create_optimizer().param_groups[0]["fused"] is True
+    foreach = OptimizerManager(t, model, hardware=HardwareConfig(fused_optimizer="foreach"))
+    assert foreach.optimizer_kwargs()["foreach"] is True
+    assert foreach.create_optimizer().param_groups[0]["foreach"] is True
     loop = OptimizerManager(t, model, hardware=HardwareConfig(fused_optimizer="for-loop")).optimizer_kwargs()
     assert loop["foreach"] is False and loop["fused"] is False
+    with pytest.raises(ValueError, match="hardware.fused_optimizer: 'fused' is not supported by optimizer 'lion'"):
+        OptimizerManager(TrainingConfig(optimizer="lion"), model,
+                         hardware=HardwareConfig(fused_optimizer="fused")).optimizer_kwargs()
     with pytest.raises(ValueError, match="hardware.fused_optimizer: 'foreach' is not supported by optimizer 'adafactor'"):
         OptimizerManager(TrainingConfig(optimizer="adafactor"), model,
                          hardware=HardwareConfig(fused_optimizer="foreach")).optimizer_kwargs()

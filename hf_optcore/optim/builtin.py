@@ -12,7 +12,7 @@ from hf_optcore.optim.registry import _ALIASES, _OPTIMIZERS, register_alias, reg
 
 def _register_torch() -> None:
     adam = dict(has_betas=True, has_eps=True, supports_foreach=True, supports_fused=True)
-    register_optimizer("adamw", torch.optim.AdamW, description="AdamW (torch; fused on GPU, foreach on CPU)", **adam)
+    register_optimizer("adamw", torch.optim.AdamW, description="AdamW (torch; fused kernel by default)", **adam)
     register_optimizer("adam", torch.optim.Adam, description="Adam with L2 weight decay (torch)", **adam)
     register_optimizer("sgd", torch.optim.SGD, description="SGD; momentum / nesterov via optimizer_kwargs",
                        has_momentum=True, supports_foreach=True, supports_fused=True)
