@@ -96,6 +96,12 @@ def collect_problems(cfg: "TrainerConfig", cuda_available: bool | None = None) -
         msg = _registry_problem("training.optimizer", t.optimizer, optim.list_optimizers(), "optimizer")
         if msg:
             p.append(msg)
+        else:
+            info = optim.get_optimizer_info(t.optimizer)
+            kernel_ok = {"fused": info.supports_fused, "foreach": info.supports_foreach}
+            need(kernel_ok.get(h.fused_optimizer, True),
+                 f"hardware.fused_optimizer: {h.fused_optimizer!r} is not supported by optimizer {t.optimizer!r}; "
+                 f"use 'auto' or 'for-loop'")
         msg = _registry_problem("training.scheduler", t.scheduler, optim.list_schedulers(), "scheduler")
         if msg:
             p.append(msg)

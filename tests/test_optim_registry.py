@@ -182,6 +182,8 @@ def test_flags_decide_which_kwargs_apply():
     with pytest.raises(ValueError, match="hardware.fused_optimizer: 'foreach' is not supported by optimizer 'adafactor'"):
         OptimizerManager(TrainingConfig(optimizer="adafactor"), model,
                          hardware=HardwareConfig(fused_optimizer="foreach")).optimizer_kwargs()
+    with pytest.raises(ConfigError, match="hardware.fused_optimizer: 'fused' is not supported by optimizer 'lion'"):
+        TrainerConfig.from_dict({"training": {"optimizer": "lion"}, "hardware": {"fused_optimizer": "fused"}})
     yaml_betas = OptimizerManager(TrainingConfig(optimizer="lion", optimizer_kwargs={"betas": [0.9, 0.99]}), model)
     assert yaml_betas.create_optimizer().param_groups[0]["betas"] == (0.9, 0.99)
 
