@@ -76,7 +76,7 @@ def run(quick: bool = False) -> dict:
             opt.step()
         runs[label] = (opt, [])
     for _ in range(steps):
-        for label, (opt, times) in runs.items():
+        for opt, times in runs.values():
             t0 = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - t0)

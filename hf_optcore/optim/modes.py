@@ -9,7 +9,7 @@ round trip around a block, and leaves optimizers without modes alone.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

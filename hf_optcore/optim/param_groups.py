@@ -16,8 +16,9 @@ parameter in ``named_parameters()`` order, and empty groups never appear.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn

@@ -22,8 +22,9 @@ import difflib
 import fnmatch
 import importlib.util
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 __all__ = [
     "OptimizerInfo",
