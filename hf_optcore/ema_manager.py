@@ -123,13 +123,23 @@ class EMAManager:
                 f"ema.warmup_gamma and ema.warmup_power must be > 0, got {self.warmup_gamma} and {self.warmup_power}"
             )
 
-    def _build_groups(self) -> list[tuple[list[str], bool]]:
-        """Names grouped by (shadow device/dtype, weight device/dtype): one foreach kernel each."""
+    def _build_groups(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor], bool, bool]]:
+        """Tensors grouped by (shadow device/dtype, weight device/dtype): one foreach kernel each.
+
+        The lists are built once: per-update Python work over hundreds of LoRA tensors would
+        otherwise cost as much as the averaging itself. Parameters (not ``.detach()`` views) are
+        kept, so a later ``model.to()`` that swaps ``param.data`` is still seen.
+        """
         groups: dict[tuple, list[str]] = defaultdict(list)
         for name, p in self._params.items():
             s, w = self.shadow[name], _local(p.detach())
             groups[(s.device, s.dtype, w.device, w.dtype)].append(name)
-        return [(names, key[0] == key[2] and key[1] == key[3]) for key, names in groups.items()]
+        out = []
+        for key, names in groups.items():
+            sharded = any(callable(getattr(self._params[n], "to_local", None)) for n in names)
+            out.append(([self.shadow[n] for n in names], [self._params[n] for n in names],
+                        key[0] == key[2] and key[1] == key[3], sharded))
+        return out
 
     def get_decay(self, step: int | None = None) -> float:
         """Decay applied by an update at optimizer ``step`` (default: the next step).
@@ -168,11 +178,11 @@ class EMAManager:
         if (step - self.start_step) % self.update_every != 0:
             return False
         weight = 1.0 - self.get_decay(step)
-        for names, same_kind in self._groups:
-            shadows = [self.shadow[n] for n in names]
-            s0 = shadows[0]
-            weights = [_local(self._params[n].detach()) for n in names]
+        for shadows, weights, same_kind, sharded in self._groups:
+            if sharded:
+                weights = [_local(w.detach()) for w in weights]
             if not same_kind:
+                s0 = shadows[0]
                 weights = [w.to(device=s0.device, dtype=s0.dtype, non_blocking=True) for w in weights]
             torch._foreach_lerp_(shadows, weights, weight)
         self.num_updates += 1
