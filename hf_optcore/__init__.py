@@ -19,6 +19,8 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EMAConfig",
+    "EMAManager",
+    "Evaluator",
     "GenericTrainer",
     "HardwareConfig",
     "LoRAConfig",
@@ -36,4 +38,12 @@ def __getattr__(name):
         from hf_optcore import trainer
 
         return getattr(trainer, name)
+    if name == "EMAManager":
+        from hf_optcore.ema_manager import EMAManager
+
+        return EMAManager
+    if name == "Evaluator":
+        from hf_optcore.evaluator import Evaluator
+
+        return Evaluator
     raise AttributeError(f"module 'hf_optcore' has no attribute {name!r}")
