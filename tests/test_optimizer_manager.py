@@ -174,7 +174,7 @@ def _dataset(n=16):
              "attention_mask": [1] * 12} for _ in range(n)]
 
 
-def _trainer(tmp_path, training, **kw):
+def _trainer(tmp_path, training, checkpoint=None, **kw):
     from hf_optcore import OptCoreTrainer
 
     cfg = TrainerConfig.from_dict({
@@ -182,6 +182,7 @@ def _trainer(tmp_path, training, **kw):
         "training": {"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2,
                      "report_to": "none", **training},
         "hardware": {"use_cpu": True},
+        "checkpoint": checkpoint or {},
     })
     return OptCoreTrainer(model=build_tiny_model("llama", seed=0), args=cfg, train_dataset=_dataset(), **kw)
 
@@ -276,3 +277,28 @@ def test_user_registered_optimizer_from_yaml_end_to_end(tmp_path):
         assert result.global_step == 4 and not torch.equal(first, trainer.model.lm_head.weight)
     finally:
         _OPTIMIZERS.pop("counting_sgd_test", None)
+
+
+def test_schedule_free_resume_is_exact(tmp_path):
+    # Saved at the evaluation point (eval mode), restored into train mode by the next training step.
+    from transformers import TrainerCallback
+
+    class StepCounter(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    def run(name, resume=None):
+        counter = StepCounter()
+        trainer = _trainer(tmp_path / name, {"optimizer": "schedule_free_adamw", "scheduler": "constant"},
+                           checkpoint={"every_n_steps": 2, "keep_last": 3, "resume_from": resume},
+                           callbacks=[counter])
+        trainer.train()
+        return trainer, counter.steps
+
+    full, _ = run("full")
+    resumed, steps_run = run("resumed", resume=str(tmp_path / "full" / "out" / "checkpoint-2"))
+    assert resumed.state.global_step == 4 and steps_run == 2  # it did resume, not restart
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
