@@ -52,7 +52,6 @@ def _gguf_vs_cache() -> dict:
 def _checkpointing(quick: bool) -> dict:
     from hf_optcore.config import LoRAConfig, ModelConfig
     from hf_optcore.model_manager import ModelManager
-    from hf_optcore.tiny import tiny_config
 
     size = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2) if quick else dict(hidden_size=256, intermediate_size=1024,
@@ -66,7 +65,7 @@ def _checkpointing(quick: bool) -> dict:
         mm = ModelManager(ModelConfig(name_or_path="tiny:llama", gradient_checkpointing=gc,
                                       lora=LoRAConfig(r=8, dropout=0.0)))
         original = tiny.tiny_config
-        tiny.tiny_config = lambda arch, **kw: original(arch, **{**size, **kw})
+        tiny.tiny_config = lambda arch, _orig=original, **kw: _orig(arch, **{**size, **kw})
         try:
             model = mm.load_model()
         finally:
@@ -76,7 +75,7 @@ def _checkpointing(quick: bool) -> dict:
         x = torch.randint(0, 256, (batch, seq))
         saved = [0]
 
-        def pack(t):
+        def pack(t, saved=saved):
             saved[0] += t.numel() * t.element_size()
             return t
 

@@ -80,7 +80,6 @@ def tiny_config(arch: str = "llama", vocab_size: int = 260, **overrides: Any):
         kwargs.setdefault("bos_token_id", vocab_size - 4)
         kwargs.setdefault("eos_token_id", vocab_size - 2)
     else:
-        kwargs.setdefault("bos_token_id", None)
         kwargs.setdefault("eos_token_id", vocab_size - 2)
         kwargs.setdefault("pad_token_id", vocab_size - 1)
     return getattr(transformers, cls_name)(**kwargs)

@@ -8,8 +8,7 @@ import torch
 
 from hf_optcore.config import HardwareConfig, LoRAConfig, ModelConfig, TrainerConfig, TrainingConfig
 from hf_optcore.errors import ModelLoadError
-from hf_optcore.model_manager import LoRATargetError, ModelManager
-from hf_optcore.model_manager import loading
+from hf_optcore.model_manager import LoRATargetError, ModelManager, loading
 from hf_optcore.tiny import build_tiny_model, build_tiny_tokenizer
 
 

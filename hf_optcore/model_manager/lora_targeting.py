@@ -254,7 +254,7 @@ def _dedupe(pairs):
 
 
 def _rows(chosen: dict, params: list, rank: int, use_dora: bool) -> list[LoRATargetRow]:
-    groups: "OrderedDict[str, dict]" = OrderedDict()
+    groups: OrderedDict[str, dict] = OrderedDict()
     for path, module in chosen.items():
         kind = _linear_kind(module)
         d_in, d_out = _in_out(module, kind)
