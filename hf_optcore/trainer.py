@@ -181,7 +181,19 @@ class OptCoreTrainer(Trainer):
         """Save the EMA weights as their own loadable model in ``output_dir/ema`` (an adapter for a
         PeftModel); with ``ema.use_for_final_model`` they also become the weights saved and pushed."""
         import os
+        from pathlib import Path
 
+        import torch
+
+        metric = self.args.metric_for_best_model or ""
+        best = self.state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best and metric.removeprefix("eval_").startswith("ema_"):
+            # The best checkpoint was chosen by an EMA metric: its EMA, not the last step's, is the result.
+            file = Path(best) / "components" / "ema.pt"
+            if file.is_file():
+                ema.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+            else:
+                logger.warning("best checkpoint %s holds no EMA state; exporting the last step's EMA", best)
         with self._optimizer_eval_mode(), ema.applied():
             # save_model gathers FSDP/DeepSpeed shards and writes only an adapter for a PeftModel.
             self.save_model(os.path.join(self.args.output_dir, "ema"), _internal_call=True)

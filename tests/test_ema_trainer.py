@@ -140,14 +140,34 @@ def test_lora_run_saves_ema_adapter_only(tmp_path):
 
 def test_metric_for_best_model_may_name_an_ema_metric(tmp_path):
     cfg = _config(tmp_path, training={"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2,
-                                      "metric_for_best_model": "eval_ema_loss", "load_best_model_at_end": True},
+                                      "metric_for_best_model": "eval_ema_loss", "load_best_model_at_end": True,
+                                      # Perverse on purpose: training lowers the loss, so the best step is
+                                      # not the last one and the export must reach back for its EMA.
+                                      "greater_is_better": True},
                   checkpoint={"every_n_steps": 2})
     trainer = _trainer(cfg)
+    snapshots = {}
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            shadow = trainer.optcore_state["ema"].manager.shadow
+            snapshots[state.global_step] = {n: t.clone() for n, t in shadow.items()}
+
+    trainer.add_callback(Snapshot())
     trainer.train()
     logged = [e["eval_ema_loss"] for e in trainer.state.log_history if "eval_ema_loss" in e]
     assert len(logged) == 2
-    assert trainer.state.best_metric == min(logged)
-    assert trainer.state.best_global_step == 2 * (1 + logged.index(min(logged)))
+    assert trainer.state.best_metric == max(logged)
+    best_step = 2 * (1 + logged.index(max(logged)))
+    assert trainer.state.best_global_step == best_step == 2
+    # The exported EMA model is the EMA of the best step, not of the last one.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ema")
+    assert any(not torch.equal(snapshots[2][n], snapshots[4][n]) for n in snapshots[2])
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, snapshots[best_step][name]), name
 
 
 def test_nan_metric_never_becomes_best(tmp_path):
