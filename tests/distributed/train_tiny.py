@@ -45,6 +45,17 @@ class FixedLengthTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
+class StreamedTokens(torch.utils.data.IterableDataset):
+    """The same examples, streamed in order (no ``__len__``: Accelerate shards it, not hf_optcore's sampler)."""
+
+    def __init__(self):
+        self.ids = FixedLengthTokens().ids
+
+    def __iter__(self):
+        for row in self.ids:
+            yield {"input_ids": row, "labels": row.clone()}
+
+
 def collate(rows):
     ids = torch.stack([r["input_ids"] for r in rows])
     return {"input_ids": ids, "labels": torch.stack([r["labels"] for r in rows]),
@@ -67,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--use-cpu", action="store_true", help="set hardware.use_cpu (else rely on auto-detection)")
     ap.add_argument("--ema", action="store_true")
+    ap.add_argument("--iterable", action="store_true", help="stream the data (Accelerate shards it)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (as if killed) after this many steps")
     a = ap.parse_args(argv)
 
@@ -81,7 +93,7 @@ def main(argv=None) -> int:
         "ema": {"enabled": a.ema, "decay": 0.9},
     })
     model = build_tiny_model("llama", seed=0)
-    trainer = OptCoreTrainer(model=model, args=cfg, train_dataset=FixedLengthTokens(), data_collator=collate)
+    trainer = OptCoreTrainer(model=model, args=cfg, train_dataset=StreamedTokens() if a.iterable else FixedLengthTokens(), data_collator=collate)
     if a.stop_after is not None:
         from transformers import TrainerCallback
 
