@@ -26,6 +26,7 @@ __all__ = [
     "launched_world_size",
     "needs_cpu_process_group",
     "prepare_process_group",
+    "requested_backend_fallback",
     "verify_process_group",
 ]
 
@@ -123,13 +124,20 @@ def prepare_process_group(args: Any, environ: dict[str, str] | None = None, acce
     return True
 
 
-def verify_process_group(args: Any, environ: dict[str, str] | None = None) -> None:
+def verify_process_group(args: Any, environ: dict[str, str] | None = None, accelerator: Any = None) -> None:
     """Raise :class:`DistributedSetupError` unless the Trainer's world size is the launched one.
+
+    Also warns when an FSDP / DeepSpeed launch fell back to DDP (:func:`requested_backend_fallback`).
 
     Args:
         args: the ``TrainingArguments`` after the Trainer resolved its device.
         environ: the environment to read (default ``os.environ``).
+        accelerator: the Trainer's ``Accelerator`` (for the fallback warning).
     """
+    if accelerator is not None:
+        message = requested_backend_fallback(accelerator.distributed_type, environ)
+        if message:
+            logger.warning(message)
     launched = launched_world_size(environ)
     formed = int(getattr(args, "world_size", 1))
     if launched > 1 and formed != launched:
@@ -139,3 +147,24 @@ def verify_process_group(args: Any, environ: dict[str, str] | None = None) -> No
             "whole dataset. On a CPU machine set hardware.use_cpu=true (TrainingArguments(use_cpu=True)); on GPUs "
             "check that CUDA is visible to every process"
         )
+
+
+def requested_backend_fallback(distributed_type: Any, environ: dict[str, str] | None = None) -> str | None:
+    """A message when the launcher asked for FSDP or DeepSpeed but Accelerate runs something else.
+
+    With the Trainer on CPU (``use_cpu``) Accelerate runs plain DDP (``MULTI_CPU``) even under an
+    FSDP config: nothing is sharded, each rank holds the whole model. That is correct training,
+    but not what was asked for, so it is said out loud.
+
+    Args:
+        distributed_type: ``trainer.accelerator.distributed_type``.
+        environ: the environment to read (default ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    kind = str(getattr(distributed_type, "value", distributed_type)).upper()
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if _truthy(env.get(flag)) and name not in kind:
+            return (f"the launcher asked for {name} but Accelerate runs {kind} (the Trainer is on the CPU): the "
+                    "model is replicated on every process, not sharded. FSDP and DeepSpeed need GPUs; see "
+                    "scripts/gpu_check.py")
+    return None

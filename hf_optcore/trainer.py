@@ -57,7 +57,7 @@ class OptCoreTrainer(Trainer):
             prepare_process_group(args)
         super().__init__(model, args, *positional, **kwargs)
         if optcore_config is not None:
-            verify_process_group(self.args)
+            verify_process_group(self.args, accelerator=self.accelerator)
             self.add_callback(TrainingReportCallback(optcore_config))
             if optcore_config.ema.enabled:
                 from hf_optcore.callbacks import EMACallback

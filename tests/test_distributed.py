@@ -21,6 +21,7 @@ from hf_optcore.distributed import (
     launched_world_size,
     needs_cpu_process_group,
     prepare_process_group,
+    requested_backend_fallback,
     verify_process_group,
 )
 
@@ -81,6 +82,53 @@ def test_verify_refuses_a_group_smaller_than_the_launch():
     verify_process_group(_Args(world_size=1), {})
     with pytest.raises(DistributedSetupError, match=r"2 processes were launched .* group of 1"):
         verify_process_group(_Args(world_size=1), {"WORLD_SIZE": "2"})
+
+
+def test_fsdp_or_deepspeed_launch_that_runs_ddp_is_named(caplog):
+    from accelerate.utils import DistributedType
+
+    env = {"ACCELERATE_USE_FSDP": "true"}
+    msg = requested_backend_fallback(DistributedType.MULTI_CPU, env)
+    assert msg and "asked for FSDP but Accelerate runs MULTI_CPU" in msg
+    assert requested_backend_fallback(DistributedType.FSDP, env) is None
+    assert requested_backend_fallback(DistributedType.MULTI_CPU, {}) is None
+    assert "DEEPSPEED" in requested_backend_fallback(DistributedType.MULTI_CPU, {"ACCELERATE_USE_DEEPSPEED": "1"})
+
+    class _Acc:
+        distributed_type = DistributedType.MULTI_CPU
+
+    with caplog.at_level("WARNING", logger="hf_optcore.distributed"):
+        verify_process_group(_Args(world_size=2), {"WORLD_SIZE": "2", **env}, accelerator=_Acc())
+    assert "not sharded" in caplog.text
+
+
+EXPECTED_CONFIGS = {
+    "single_gpu.yaml": "NO",
+    "multi_gpu_ddp.yaml": "MULTI_GPU",
+    "cpu_ddp.yaml": "MULTI_GPU",
+    "fsdp2.yaml": "FSDP",
+    "deepspeed_zero2.yaml": "DEEPSPEED",
+    "deepspeed_zero3.yaml": "DEEPSPEED",
+    "multi_node.yaml": "MULTI_GPU",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CONFIGS))
+def test_accelerate_configs_load_with_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "recipes" / "accelerate" / name))
+    assert cfg.distributed_type.value == EXPECTED_CONFIGS[name]
+    if name == "fsdp2.yaml":
+        fc = cfg.fsdp_config
+        assert fc["fsdp_version"] == 2 and fc["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fc["fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and fc["fsdp_reshard_after_forward"] is True
+    if name.startswith("deepspeed"):
+        ds = json.loads((REPO / cfg.deepspeed_config["deepspeed_config_file"]).read_text())
+        assert ds["zero_optimization"]["stage"] == int(name[-6])
+        assert ds["gradient_accumulation_steps"] == "auto"  # taken from the hf_optcore config
+    if name == "multi_node.yaml":
+        assert cfg.num_machines == 2 and cfg.num_processes == 16
 
 
 def test_single_process_trainer_is_left_alone(tmp_path, monkeypatch):

@@ -122,6 +122,8 @@ def main(argv=None) -> int:
         Path(a.out, "result.json").write_text(json.dumps({
             "world_size": trainer.args.world_size,
             "use_cpu": trainer.args.use_cpu,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "sharded_params": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
             "losses": losses,
             "global_step": trainer.state.global_step,
             "ranks": gathered,
