@@ -258,3 +258,57 @@ def test_resume_with_another_world_size_is_refused(runs):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode != 0
     assert "world_size" in proc.stderr and "allow_topology_change" in proc.stderr, proc.stderr[-3000:]
+
+
+# ---- FSDP2 on CPU (torch fully_shard over gloo; the Trainer itself falls back to DDP on CPU) ----
+
+FSDP_SCRIPT = REPO / "tests" / "distributed" / "fsdp2_cpu.py"
+
+
+def _torchrun(out: Path, nproc: int, phase: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(FSDP_SCRIPT), "--out", str(out), "--phase", phase]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / f"{phase}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return {
+        "root": root,
+        "one": _torchrun(root / "one", 1, "full"),
+        "two": _torchrun(root / "two", 2, "full"),
+        "resumed": _torchrun(root / "two", 2, "resume"),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_ema_follows_the_shards(fsdp_runs):
+    import torch
+
+    one, two = fsdp_runs["one"], fsdp_runs["two"]
+    assert two["world_size"] == 2 and two["all_sharded"]
+    # Each rank averages only its shard: about half of the elements on rank 0.
+    assert two["ema_elements"] < two["full_elements"] <= 2 * two["ema_elements"] + 64
+    assert one["ema_elements"] == one["full_elements"]
+    for step, loss in one["losses"].items():
+        assert abs(two["losses"][step] - loss) < 1e-5
+    w1 = torch.load(fsdp_runs["root"] / "one" / "full_weights.pt")
+    w2 = torch.load(fsdp_runs["root"] / "two" / "full_weights.pt")
+    assert two["ema_differs_from_model"]
+    for a, b in zip(w1["ema"], w2["ema"]):  # gathered shards == the unsharded run's EMA
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_sharded_checkpoint_resumes_exactly(fsdp_runs):
+    two, resumed = fsdp_runs["two"], fsdp_runs["resumed"]
+    assert sorted(resumed["losses"]) == ["4", "5", "6"]
+    for step in ("4", "5", "6"):
+        assert resumed["losses"][step] == two["losses"][step], step
+    assert resumed["model"] == two["model"] and resumed["ema"] == two["ema"]
