@@ -312,3 +312,12 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(fsdp_runs):
     for step in ("4", "5", "6"):
         assert resumed["losses"][step] == two["losses"][step], step
     assert resumed["model"] == two["model"] and resumed["ema"] == two["ema"]
+
+
+def test_gpu_check_dry_run_lists_every_check():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("bf16", "fused_adamw", "torch_compile", "fsdp2_trainer", "fsdp2_raw"):
+        assert f"  {name} " in proc.stdout
+    assert "nothing was run" in proc.stdout
