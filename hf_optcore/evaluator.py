@@ -257,8 +257,8 @@ class Evaluator:
 
             parts: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(parts, (preds.cpu(), labels.cpu()))
-            flat = [(p.reshape(-1), l.reshape(-1)) for p, l in parts]
-            preds, labels = torch.cat([p for p, _ in flat]), torch.cat([l for _, l in flat])
+            preds = torch.cat([pr.reshape(-1) for pr, _ in parts])
+            labels = torch.cat([lab.reshape(-1) for _, lab in parts])
         mask = labels.reshape(-1) != IGNORE_INDEX
         p, r = preds.reshape(-1)[mask].tolist(), labels.reshape(-1)[mask].tolist()
         for module in modules:

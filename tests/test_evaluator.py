@@ -223,3 +223,34 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     for key in ("eval_loss", "eval_token_accuracy", "eval_ema_loss", "eval_ema_token_accuracy"):
         assert abs(two[key] - one[key]) < 1e-6, (key, one[key], two[key])
     assert one["eval_ema_loss"] != one["eval_loss"]
+
+
+def _standalone_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    from hf_optcore.tiny import build_tiny_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build_tiny_model("llama", seed=0)
+        examples = _examples()[:6]
+        mine = examples[rank::world]  # a sampler that does not pad: 3 examples per rank
+        res = Evaluator(TrainingConfig(), model, _batches(mine, 2), "cpu").evaluate()
+        if rank == 0:
+            torch.save(res, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_standalone_evaluator_sums_across_a_torch_distributed_group(tmp_path, tiny_model):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "res.pt"
+    mp.spawn(_standalone_worker, args=(2, str(tmp_path / "pg"), str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=False)
+    one = Evaluator(TrainingConfig(), tiny_model, _batches(_examples()[:6], 2), "cpu").evaluate()
+    assert two["num_tokens"] == one["num_tokens"]
+    assert abs(two["loss"] - one["loss"]) < 1e-6 and two["token_accuracy"] == pytest.approx(one["token_accuracy"])
