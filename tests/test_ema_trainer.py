@@ -230,3 +230,19 @@ def test_nothing_trainable_fails_at_construction(tmp_path):
     model = build_tiny_model("llama", seed=0).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         _trainer(_config(tmp_path), model=model)
+
+
+def test_user_compute_metrics_still_runs_beside_token_exact_loss(tmp_path):
+    seen = []
+
+    def compute_metrics(eval_pred):
+        seen.append(eval_pred.predictions.shape[0])
+        return {"custom": 1.5}
+
+    cfg = _config(tmp_path, training={"max_steps": 1})
+    trainer = _trainer(cfg, compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert metrics["eval_custom"] == 1.5 and seen == [7]
+    batches = [collate(_dataset(7, 2)[i:i + 3]) for i in range(0, 7, 3)]
+    alone = Evaluator(cfg.training, trainer.model, batches, "cpu").evaluate()
+    assert metrics["eval_loss"] == pytest.approx(alone["loss"], abs=1e-6)  # ours, not HF's mean of batch means
