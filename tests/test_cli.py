@@ -140,3 +140,24 @@ def test_train_end_to_end_writes_model_and_report(tmp_path):
     assert state["global_step"] == 2
     md = (out / "report.md").read_text()
     assert "| `step` | 2 |" in md and "name_or_path: tiny:llama" in md
+
+
+def test_benchmark_entry_point_runs_modules_and_records_failures(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run as bench_run
+
+    (tmp_path / "bench_fake_ok.py").write_text(
+        "def run(quick):\n    return {'ratio': 2.0 if quick else 3.0}\n"
+        "def to_markdown(r):\n    return f\"| ratio | {r['ratio']} |\"\n")
+    (tmp_path / "bench_fake_bad.py").write_text("def run(quick):\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(bench_run, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench_run, "BENCHMARKS", {"ok": ("bench_fake_ok", "a fake"), "bad": ("bench_fake_bad", "x")})
+    report = bench_run.run_all(quick=True)
+    assert report["benchmarks"]["ok"]["result"] == {"ratio": 2.0}
+    assert report["benchmarks"]["bad"]["status"] == "failed" and "boom" in report["benchmarks"]["bad"]["error"]
+    saved = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert saved["preset"] == "quick" and saved["machine"]["versions"]["torch"]
+    md = (tmp_path / "results" / "latest.md").read_text()
+    assert "| ratio | 2.0 |" in md and "**failed:** bad" in md and "python benchmarks/run.py --quick" in md
+    assert bench_run.main(["--quick", "--only", "ok"]) == 0 and bench_run.main(["--quick", "--only", "bad"]) == 1
