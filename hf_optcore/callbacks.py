@@ -7,6 +7,7 @@ Each callback is added by ``OptCoreTrainer`` only when its feature is enabled in
 from __future__ import annotations
 
 from transformers import TrainerCallback  # noqa: F401  (the base of every callback below)
+from transformers.trainer_callback import ProgressCallback
 
 
 class TrainingReportCallback(TrainerCallback):
@@ -181,3 +182,24 @@ class DataThroughputCallback(TrainerCallback):
         done = state.global_step - epoch * steps_per_epoch
         s.epoch = epoch
         s.consumed = min(n, done * ga)
+
+
+class ThroughputProgressCallback(ProgressCallback):
+    """transformers' training progress bar, with real tokens/s and the padding fraction beside it.
+
+    It replaces :class:`~transformers.ProgressCallback` in ``OptCoreTrainer`` runs (never when
+    ``disable_tqdm``); the values are the ones the data meter logs (``real_tokens_per_second``,
+    ``padding_fraction``), shown as the bar's postfix so they are read without scrolling the logs.
+    """
+
+    POSTFIX = (("loss", "loss", "{:.4g}"), ("real_tokens_per_second", "tok/s", "{:,.0f}"),
+               ("padding_fraction", "pad", "{:.1%}"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        postfix = {label: fmt.format(logs[key]) for key, label, fmt in self.POSTFIX
+                   if isinstance(logs.get(key), (int, float))}
+        if postfix:
+            self.training_bar.set_postfix(postfix, refresh=False)

@@ -13,8 +13,14 @@ import logging
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
-from hf_optcore.callbacks import CheckpointCallback, DataThroughputCallback, TrainingReportCallback
+from hf_optcore.callbacks import (
+    CheckpointCallback,
+    DataThroughputCallback,
+    ThroughputProgressCallback,
+    TrainingReportCallback,
+)
 from hf_optcore.config import TrainerConfig
 from hf_optcore.distributed import prepare_process_group, verify_process_group
 from hf_optcore.optim import optimizer_eval_mode
@@ -59,6 +65,9 @@ class OptCoreTrainer(Trainer):
         if optcore_config is not None:
             verify_process_group(self.args, accelerator=self.accelerator)
             self.add_callback(TrainingReportCallback(optcore_config))
+            # The same bar as transformers', with real tokens/s and padding beside it.
+            if self.pop_callback(ProgressCallback) is not None:
+                self.add_callback(ThroughputProgressCallback())
             if optcore_config.ema.enabled:
                 from hf_optcore.callbacks import EMACallback
 

@@ -161,3 +161,36 @@ def test_benchmark_entry_point_runs_modules_and_records_failures(tmp_path, monke
     md = (tmp_path / "results" / "latest.md").read_text()
     assert "| ratio | 2.0 |" in md and "**failed:** bad" in md and "python benchmarks/run.py --quick" in md
     assert bench_run.main(["--quick", "--only", "ok"]) == 0 and bench_run.main(["--quick", "--only", "bad"]) == 1
+
+
+def test_training_bar_shows_real_tokens_per_second_and_padding(tmp_path):
+    from transformers import TrainerControl, TrainerState
+    from transformers.trainer_callback import ProgressCallback
+
+    from hf_optcore.callbacks import ThroughputProgressCallback
+    from hf_optcore.tiny import build_tiny_model
+    from hf_optcore.trainer import OptCoreTrainer
+
+    cfg = TrainerConfig.from_dict({"output_dir": str(tmp_path), "model": {"lora": {"enabled": False}},
+                                   "training": {"max_steps": 1, "report_to": "none"}, "hardware": {"use_cpu": True}})
+    kinds = [type(c) for c in OptCoreTrainer(model=build_tiny_model("llama"), args=cfg).callback_handler.callbacks]
+    assert ThroughputProgressCallback in kinds and ProgressCallback not in kinds
+    quiet = OptCoreTrainer(model=build_tiny_model("llama"), args=cfg.to_training_arguments(disable_tqdm=True),
+                           optcore_config=cfg)
+    assert not any(isinstance(c, ProgressCallback) for c in quiet.callback_handler.callbacks)
+
+    class _Bar:
+        postfix = None
+
+        def write(self, text):
+            pass
+
+        def set_postfix(self, values, refresh=True):
+            self.postfix = values
+
+    cb, state = ThroughputProgressCallback(), TrainerState()
+    cb.training_bar = _Bar()
+    state.is_world_process_zero = True
+    cb.on_log(None, state, TrainerControl(),
+              logs={"loss": 2.5, "real_tokens_per_second": 12345.6, "padding_fraction": 0.125, "epoch": 1.0})
+    assert cb.training_bar.postfix == {"loss": "2.5", "tok/s": "12,346", "pad": "12.5%"}
