@@ -104,6 +104,9 @@ def test_eval_reports_token_weighted_live_and_ema_metrics(tmp_path):
     assert metrics["eval_ema_loss"] == pytest.approx(alone["ema_loss"], abs=1e-6)
     assert metrics["eval_num_tokens"] == alone["num_tokens"]
     assert trainer.state.log_history[-1]["eval_ema_loss"] == metrics["eval_ema_loss"]  # logged like HF
+    named = trainer.evaluate(eval_dataset={"a": _dataset(7, 2), "b": _dataset(4, 3)})
+    assert named["eval_a_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
+    assert {"eval_b_loss", "eval_b_ema_loss", "eval_a_ema_perplexity"} <= set(named)
 
 
 def test_ema_saved_as_loadable_model_and_used_as_final(tmp_path):
