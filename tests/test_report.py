@@ -122,3 +122,48 @@ def test_callback_writes_only_on_the_main_process(tmp_path):
     state.is_world_process_zero = True
     TrainingReportCallback().on_train_end(_Args(), state, TrainerControl())
     assert (Path(_Args.output_dir) / "report.md").is_file()
+
+
+TRACKER_RUN = """
+import sys, torch
+from hf_optcore.config import TrainerConfig
+from hf_optcore.tiny import build_tiny_model
+from hf_optcore.trainer import OptCoreTrainer
+ids = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(0))
+data = [{"input_ids": r, "labels": r.clone()} for r in ids]
+def collate(rows):
+    x = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+cfg = TrainerConfig.from_dict({"output_dir": sys.argv[1], "model": {"lora": {"enabled": False}},
+    "training": {"max_steps": 3, "logging_steps": 1, "report_to": ["tensorboard", "trackio"], "run_name": "offline",
+                 "per_device_train_batch_size": 4}, "hardware": {"use_cpu": True}})
+OptCoreTrainer(model=build_tiny_model("llama"), args=cfg, train_dataset=data, data_collator=collate).train()
+"""
+
+
+@pytest.mark.slow
+def test_tensorboard_and_trackio_work_offline(tmp_path):
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRACKIO_DIR": str(tmp_path / "trackio"),
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    for var in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-c", TRACKER_RUN, str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (events_dir,) = (tmp_path / "run" / "runs").iterdir()
+    acc = EventAccumulator(str(events_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert "train/padding_fraction" in acc.Tags()["scalars"]
+    (db,) = (tmp_path / "trackio").glob("*.db")
+    rows = sqlite3.connect(db).execute("select run_name, metrics from metrics").fetchall()
+    logged = [json.loads(m) for run, m in rows if run == "offline"]
+    assert [m["train/global_step"] for m in logged if "train/loss" in m] == [1, 2, 3]
