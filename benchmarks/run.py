@@ -9,8 +9,9 @@ Each benchmark module (``benchmarks/bench_*.py``, ``benchmarks/model_loading.py`
 (``transformers.Trainer``, TRL ``SFTTrainer``, ``torch.optim.swa_utils.AveragedModel``, ...), so
 its ratios do not depend on the machine's speed. This entry point runs them one after another
 in this process tree and writes ``benchmarks/results/latest.json`` and ``latest.md`` with the
-machine, the library versions and the date. A benchmark that fails is recorded with its error;
-the others still run, and the exit status is 1.
+machine, the library versions and the date (and leaves each module's own ``results/<name>.*``
+as they were). A benchmark that fails is recorded with its error; the others still run, and the
+exit status is 1.
 """
 
 from __future__ import annotations
@@ -88,6 +89,22 @@ def _markdown_of(module, result: dict, started: float) -> str:
     return "```json\n" + json.dumps(result, indent=1, default=str)[:4000] + "\n```"
 
 
+def _snapshot() -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in RESULTS.glob("*") if p.is_file() and not p.name.startswith("latest.")} \
+        if RESULTS.is_dir() else {}
+
+
+def _restore(before: dict[Path, bytes]) -> None:
+    # Some modules also write their own results/<name>.{json,md} when run; this entry point's record
+    # is latest.*, so a --quick run here must not overwrite the full results a module's owner published.
+    for path in RESULTS.glob("*") if RESULTS.is_dir() else []:
+        if path.is_file() and not path.name.startswith("latest.") and path not in before:
+            path.unlink()
+    for path, data in before.items():
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)
+
+
 def run_all(quick: bool, only: list[str] | None = None) -> dict:
     """Run the selected benchmarks; returns the combined report (also written to results/latest.*)."""
     names = only or list(BENCHMARKS)
@@ -106,6 +123,7 @@ def run_all(quick: bool, only: list[str] | None = None) -> dict:
         started = time.time()
         print(f"[{name}] {what} ...", flush=True)
         entry: dict = {"module": f"benchmarks/{module_name}.py", "compares": what}
+        before = _snapshot()
         try:
             module = importlib.import_module(module_name)
             result = module.run(quick)
@@ -115,6 +133,8 @@ def run_all(quick: bool, only: list[str] | None = None) -> dict:
             entry.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                          traceback=traceback.format_exc()[-4000:])
             table = f"**failed**: `{type(exc).__name__}: {str(exc)[:500]}`"
+        finally:
+            _restore(before)
         entry["seconds"] = round(time.time() - started, 1)
         report["benchmarks"][name] = entry
         sections.append(f"## {name}\n\n{what} (`{entry['module']}`, {entry['seconds']} s)\n\n{table}\n")

@@ -194,3 +194,26 @@ def test_training_bar_shows_real_tokens_per_second_and_padding(tmp_path):
     cb.on_log(None, state, TrainerControl(),
               logs={"loss": 2.5, "real_tokens_per_second": 12345.6, "padding_fraction": 0.125, "epoch": 1.0})
     assert cb.training_bar.postfix == {"loss": "2.5", "tok/s": "12,346", "pad": "12.5%"}
+
+
+def test_benchmark_entry_point_leaves_module_result_files_alone(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run as bench_run
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench_fake_writer.md").write_text("full results\n")
+    (tmp_path / "bench_fake_writer.py").write_text(
+        "from pathlib import Path\n"
+        f"R = Path({str(results)!r})\n"
+        "def run(quick):\n"
+        "    (R / 'bench_fake_writer.md').write_text('| quick | table |')\n"
+        "    (R / 'bench_fake_writer.json').write_text('{}')\n"
+        "    return {'quick': quick}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(bench_run, "RESULTS", results)
+    monkeypatch.setattr(bench_run, "BENCHMARKS", {"writer": ("bench_fake_writer", "writes its own files")})
+    bench_run.run_all(quick=True)
+    assert "| quick | table |" in (results / "latest.md").read_text()  # its table is still reported
+    assert (results / "bench_fake_writer.md").read_text() == "full results\n"
+    assert not (results / "bench_fake_writer.json").exists()
