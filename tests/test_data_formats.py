@@ -157,3 +157,15 @@ def test_create_loaders_standalone(tiny_tokenizer):
     state = train_loader.batch_sampler.state_dict()
     assert state["consumed"] == 3 and state["epoch"] == 0
     assert isinstance(batches[0]["input_ids"], torch.Tensor)
+
+
+def test_hub_source_goes_through_datasets(tmp_path, tiny_tokenizer):
+    # A local folder is a valid `datasets.load_dataset` id, so the hub: path is exercised offline.
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write(folder / "train.jsonl", ROWS, "jsonl")
+    dm = manager(tiny_tokenizer, train_path=f"hub:{folder}", hub_train_split="train")
+    train, _ = dm.load_datasets()
+    assert [e["input_ids"] for e in train] == [e["input_ids"] for e in manager(tiny_tokenizer).build_dataset(ROWS)]
+    with pytest.raises(DataError, match=r"hub:.*cannot load split 'nope'"):
+        manager(tiny_tokenizer, train_path=f"hub:{folder}", hub_train_split="nope").load_datasets()
