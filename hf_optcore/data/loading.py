@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
 
 from hf_optcore.errors import DataError
 
