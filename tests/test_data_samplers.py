@@ -141,3 +141,57 @@ def test_uneven_split_for_ranks_never_drops_or_repeats():
     assert sorted(i for s in shares for b in s for i in b) == list(range(9))
     with pytest.raises(ValueError, match="cannot give 4 ranks the same number of batches"):
         len(RandomBatchSampler([10, 10, 10], 8, 4, 0))
+
+
+def make_per_device(kind, per_device, world=1, rank=0, seed=3, lengths=LENGTHS):
+    """A sampler whose per-rank size is ``per_device`` examples (multipack: packed rows)."""
+    if kind == "random":
+        return RandomBatchSampler(lengths, per_device, world, rank, seed)
+    if kind == "bucket":
+        return BucketBatchSampler(lengths, per_device, world, rank, seed, bucket_size_multiplier=4)
+    return MultipackBatchSampler(lengths, 320, per_device, world, rank, seed)
+
+
+@pytest.mark.parametrize("kind", ["random", "bucket", "multipack"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_union_of_ranks_at_each_step_is_the_one_rank_batch_of_world_times_the_size(kind, world):
+    lengths = LENGTHS[:190]  # 190 examples: a short last global batch for B=4 at 2 and 3 ranks
+    merged = []
+    for e in (0, 5):
+        s = make_per_device(kind, 4 * world, lengths=lengths)
+        s.set_epoch(e)
+        one = [examples_of(b, kind) for b in s]
+        if len(list(s)[-1]) < world:  # fewer leftover items than ranks: they join the step before
+            one[-2:] = [one[-2] + one[-1]]
+            merged.append(kind)
+        ranks = [epoch(make_per_device(kind, 4, world, r, lengths=lengths), kind, e) for r in range(world)]
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(one)
+        for k, batch in enumerate(one):
+            assert sorted(i for r in ranks for i in r[k]) == sorted(batch), (e, k)
+        if kind != "multipack":  # full global batches are sliced into exactly B per rank
+            assert all(len(r[k]) == 4 for r in ranks for k in range(len(one) - 1))
+    assert merged == (["multipack", "multipack"] if (kind, world) == ("multipack", 2) else [])  # 89 bins = 11 x 8 + 1
+
+
+def test_token_budget_ranks_take_consecutive_batches_of_the_one_rank_plan():
+    one = epoch(make("token_budget"), "token_budget", 2)
+    assert len(one) % 2 == 1  # the last step needs a split
+    two = [epoch(make("token_budget", 2, r), "token_budget", 2) for r in range(2)]
+    steps = len(two[0])
+    assert steps == len(two[1]) == len(one) // 2 + 1
+    for k in range(steps - 1):
+        assert [two[0][k], two[1][k]] == one[2 * k : 2 * k + 2]
+    # The leftover batch is split in two for the last step: nothing dropped, nothing repeated.
+    assert sorted(two[0][-1] + two[1][-1]) == sorted(one[-1])
+
+
+def test_fewer_leftover_items_than_ranks_join_the_step_before():
+    # 9 examples, 2 ranks x 2 = global 4: batches of 4, 4, 1; the lone example joins the second step.
+    shares = [list(RandomBatchSampler([10] * 9, 2, 2, r, seed=1)) for r in range(2)]
+    one = list(RandomBatchSampler([10] * 9, 4, seed=1))
+    assert [len(s) for s in shares] == [2, 2] and len(one) == 3
+    assert sorted(shares[0][0] + shares[1][0]) == sorted(one[0])
+    assert sorted(shares[0][1] + shares[1][1]) == sorted(one[1] + one[2])
+    assert sorted(len(s[1]) for s in shares) == [2, 3]
+    # Batch size 1 with an odd count works too (one step of 2 + 1 examples).
+    assert [len(list(RandomBatchSampler([10] * 5, 1, 2, r))) for r in range(2)] == [2, 2]

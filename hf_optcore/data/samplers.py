@@ -4,15 +4,31 @@ Every sampler here is a :class:`torch.utils.data.Sampler` that yields whole batc
 dataset indices; for ``multipack`` lists of *bins*, each a tuple of indices packed into one row).
 They share one contract:
 
-* the batches of an epoch are a pure function of ``(seed, epoch)`` (a private
-  :class:`torch.Generator`, never the global RNG), so every rank computes the same global plan;
-* the global plan is cut so that every rank gets disjoint batches and the *same number* of
-  batches (when the count does not divide by the world size, the largest batches are split in
-  two, which never drops or repeats an example and never breaks a token budget);
-* the number of batches per epoch does not depend on the epoch, so ``__len__`` is stable and
+* the batches of an epoch are a pure function of ``(seed, epoch)`` and the *global* batch (a
+  private :class:`torch.Generator`, never the global RNG), so every rank computes the same plan;
+* every rank gets disjoint batches and the *same number* of them, and together the ranks cover
+  every example exactly once per epoch;
+* the number of steps per epoch does not depend on the epoch, so ``__len__`` is stable and
   the Trainer's step count is right;
 * ``state_dict()`` / ``load_state_dict()`` round-trip ``{"epoch", "consumed"}``: the next
   ``__iter__`` starts at batch ``consumed`` of ``epoch`` without replaying earlier batches.
+
+What a multi-process run sees, for ``W`` ranks (``num_replicas``):
+
+* ``random``, ``bucket``, ``multipack`` (a fixed count per rank: examples, or packed rows):
+  the plan is cut in *global* batches of ``W x batch_size`` items, and rank ``r`` takes the
+  ``r``-th slice of each. The plan depends only on ``(seed, epoch, W x batch_size)``, so at every
+  step the union of the ranks' batches is exactly the batch a 1-process run with ``W x
+  batch_size`` trains on at that step. The one exception: when the last global batch has fewer
+  items than there are ranks, it joins the global batch before it (that last step gives some
+  ranks ``batch_size + 1`` items), and the 1-process run's last two steps are that one step.
+* ``token_budget`` (a padded-token budget per rank): the plan is the 1-process plan of the same
+  ``max_tokens``, and each step takes ``W`` consecutive batches of it, rank ``r`` the ``r``-th.
+  A ``W``-process run thus trains on the 1-process run's batches in the same order, ``W`` per
+  step (not on the batches of a ``W``-times larger budget, which would be cut differently).
+  When the batch count does not divide by ``W``, the largest batches of the last step are split
+  in two (never breaking the budget; the largest batches anywhere if the last step has fewer
+  examples than ranks).
 
 Pure torch: nothing here imports transformers.
 """
@@ -40,10 +56,11 @@ _SEED_STRIDE = 1_000_003  # epochs of one seed never collide with another seed's
 
 
 class _ResumableBatchSampler(Sampler):
-    """Shared machinery: epoch plan -> equal per-rank shares -> resumable iteration.
+    """Shared machinery: epoch plan -> steps of one batch per rank -> resumable iteration.
 
-    Subclasses implement :meth:`_global_batches`, the list of batches of one epoch (the same
-    on every rank). Batches are lists of "items" (example indices, or bins for multipack).
+    Subclasses implement :meth:`_plan`, the steps of one epoch (the same on every rank), each a
+    list of ``num_replicas`` batches. Batches are lists of "items" (example indices, or bins for
+    multipack).
 
     Args:
         lengths: token length of every example of the dataset.
@@ -70,11 +87,11 @@ class _ResumableBatchSampler(Sampler):
         # The Trainer sets this: it knows how many batches the loop really consumed (the
         # dataloader prefetches ahead of the loop, so counting yields would overcount).
         self.external_progress = False
-        self._num_global: int | None = None
+        self._num_steps: int | None = None
 
     # ---- to implement ---------------------------------------------------------------------
 
-    def _global_batches(self, gen: torch.Generator) -> list[list[Any]]:
+    def _plan(self, gen: torch.Generator) -> list[list[list[Any]]]:
         raise NotImplementedError
 
     # ---- plan -----------------------------------------------------------------------------
@@ -87,21 +104,18 @@ class _ResumableBatchSampler(Sampler):
     def _permutation(self, n: int, gen: torch.Generator) -> list[int]:
         return torch.randperm(n, generator=gen).tolist()
 
+    def _steps(self, epoch: int) -> list[list[list[Any]]]:
+        """Every step of ``epoch``: a list of ``num_replicas`` batches, one per rank."""
+        return self._plan(self._generator(epoch))
+
     def _rank_batches(self, epoch: int) -> list[list[Any]]:
-        gen = self._generator(epoch)
-        batches = self._global_batches(gen)
-        order = self._permutation(len(batches), gen)
-        batches = [batches[i] for i in order]
-        batches = _split_to_multiple(batches, self.num_replicas, type(self).__name__)
-        return batches[self.rank :: self.num_replicas]
+        return [step[self.rank] for step in self._steps(epoch)]
 
     def __len__(self) -> int:
-        if self._num_global is None:
+        if self._num_steps is None:
             # The count is independent of the epoch (see module docstring), so epoch 0 measures it.
-            batches = _split_to_multiple(self._global_batches(self._generator(0)), self.num_replicas,
-                                         type(self).__name__)
-            self._num_global = len(batches)
-        return self._num_global // self.num_replicas
+            self._num_steps = len(self._steps(0))
+        return self._num_steps
 
     # ---- iteration and state -------------------------------------------------------------
 
@@ -172,7 +186,57 @@ def _split_to_multiple(batches: list[list[Any]], world: int, who: str) -> list[l
     return batches
 
 
-class RandomBatchSampler(_ResumableBatchSampler):
+def _fill_last_step(batches: list[list[Any]], world: int, who: str) -> list[list[Any]]:
+    """Make the count divide by ``world`` by splitting the largest batches of the last step only
+    (earlier steps stay those of the 1-process plan); anywhere when the last step is too small."""
+    short = len(batches) % world
+    if short == 0:
+        return batches
+    try:
+        return batches[:-short] + _split_to_multiple(batches[-short:], world, who)
+    except ValueError:
+        return _split_to_multiple(batches, world, who)
+
+
+def _slices(batch: list[Any], world: int) -> list[list[Any]]:
+    """``batch`` cut in ``world`` contiguous slices whose sizes differ by at most one."""
+    q, extra = divmod(len(batch), world)
+    bounds = [r * q + min(r, extra) for r in range(world + 1)]
+    return [batch[bounds[r] : bounds[r + 1]] for r in range(world)]
+
+
+class _GlobalBatchSampler(_ResumableBatchSampler):
+    """A fixed number of items per rank: global batches of ``num_replicas`` times it, sliced per rank.
+
+    Subclasses implement :meth:`_global_batches` (cut at a given global size) and set
+    ``per_device_batch_size``. Full global batches are shuffled; the short one (if any) comes
+    last, so the plan depends on the global size only, never on how it is split among ranks.
+    """
+
+    per_device_batch_size: int
+
+    def _global_batches(self, gen: torch.Generator, size: int) -> list[list[Any]]:
+        raise NotImplementedError
+
+    def _plan(self, gen):
+        world = self.num_replicas
+        size = world * self.per_device_batch_size
+        batches = self._global_batches(gen, size)
+        full = [b for b in batches if len(b) == size]
+        plan = [full[i] for i in self._permutation(len(full), gen)] + [b for b in batches if len(b) < size]
+        if len(plan[-1]) < world:
+            if len(plan) == 1:
+                raise ValueError(
+                    f"{type(self).__name__}: cannot give {world} ranks the same number of batches: the epoch has "
+                    f"only {len(plan[-1])} items; use more data or fewer processes"
+                )
+            # Fewer items than ranks cannot make a step: they join the step before (no drop).
+            tail = plan.pop()
+            plan[-1] = plan[-1] + tail
+        return [_slices(b, world) for b in plan]
+
+
+class RandomBatchSampler(_GlobalBatchSampler):
     """Uniformly shuffled fixed-size batches (the baseline).
 
     Args:
@@ -189,18 +253,18 @@ class RandomBatchSampler(_ResumableBatchSampler):
             raise ValueError(f"RandomBatchSampler: batch_size must be >= 1, got {batch_size}")
         self.per_device_batch_size = int(batch_size)
 
-    def _global_batches(self, gen):
+    def _global_batches(self, gen, size):
         perm = self._permutation(len(self.lengths), gen)
-        b = self.per_device_batch_size
-        return [perm[i : i + b] for i in range(0, len(perm), b)]
+        return [perm[i : i + size] for i in range(0, len(perm), size)]
 
 
-class BucketBatchSampler(_ResumableBatchSampler):
+class BucketBatchSampler(_GlobalBatchSampler):
     """Length-grouped fixed-size batches with random order.
 
-    Each epoch: a random permutation is cut into mega-batches of ``batch_size * bucket_size_multiplier``
-    examples, each mega-batch is sorted by length (ties keep their random order) and cut into
-    batches, and all batches are shuffled together. Batches hold similar lengths (little padding)
+    Each epoch: a random permutation is cut into mega-batches of ``global * bucket_size_multiplier``
+    examples (``global = num_replicas * batch_size``), each mega-batch is sorted by length (ties
+    keep their random order) and cut into global batches, and the full ones are shuffled together
+    (the short one, if any, comes last); each rank takes its slice of every global batch. Batches hold similar lengths (little padding)
     but neither their composition nor their order is systematic (no longest-first).
 
     Args:
@@ -222,14 +286,13 @@ class BucketBatchSampler(_ResumableBatchSampler):
         self.per_device_batch_size = int(batch_size)
         self.bucket_size_multiplier = int(bucket_size_multiplier)
 
-    def _global_batches(self, gen):
+    def _global_batches(self, gen, size):
         perm = self._permutation(len(self.lengths), gen)
-        b = self.per_device_batch_size
-        mega = b * self.bucket_size_multiplier
+        mega = size * self.bucket_size_multiplier
         batches = []
         for start in range(0, len(perm), mega):
             chunk = sorted(perm[start : start + mega], key=self.lengths.__getitem__)  # stable: ties stay random
-            batches.extend(chunk[i : i + b] for i in range(0, len(chunk), b))
+            batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
         return batches
 
 
@@ -238,11 +301,12 @@ class TokenBudgetBatchSampler(_ResumableBatchSampler):
 
     The partition is cut once over the length-sorted data (so the batch count, and thus the
     Trainer's step count, is the same every epoch); each epoch examples of equal length are
-    shuffled among themselves and the batch order is shuffled.
+    shuffled among themselves and the batch order is shuffled. With ``num_replicas`` ranks each
+    step takes that many consecutive batches of this plan, one per rank.
 
     Args:
         lengths: token length of every example.
-        max_tokens: padded-token budget per batch (every example must fit alone).
+        max_tokens: padded-token budget per batch on one rank (every example must fit alone).
         max_batch_size: optional cap on examples per batch.
         pad_to_multiple_of: the collator's rounding, counted in the budget (default None).
         num_replicas, rank, seed: see :class:`_ResumableBatchSampler`.
@@ -281,10 +345,14 @@ class TokenBudgetBatchSampler(_ResumableBatchSampler):
         slots.append((start, len(sorted_lengths)))
         return slots
 
-    def _global_batches(self, gen):
+    def _plan(self, gen):
         perm = self._permutation(len(self.lengths), gen)
         order = sorted(perm, key=self.lengths.__getitem__)  # equal lengths in random order
-        return [order[a:b] for a, b in self._slots]
+        batches = [order[a:b] for a, b in self._slots]
+        batches = [batches[i] for i in self._permutation(len(batches), gen)]
+        world = self.num_replicas
+        batches = _fill_last_step(batches, world, type(self).__name__)
+        return [batches[i : i + world] for i in range(0, len(batches), world)]
 
 
 def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[tuple[int, ...]]:
@@ -318,11 +386,12 @@ def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[tupl
     return [tuple(b) for b in bins]
 
 
-class MultipackBatchSampler(_ResumableBatchSampler):
+class MultipackBatchSampler(_GlobalBatchSampler):
     """Batches of packed rows: each row concatenates whole examples up to ``max_seq_len`` tokens.
 
     Bins come from :func:`pack_best_fit_decreasing` once (so the count is fixed); each epoch the
-    bins are shuffled and grouped ``rows_per_batch`` at a time. Batches are lists of bins (tuples
+    bins are shuffled and grouped ``num_replicas * rows_per_batch`` at a time, and each rank takes
+    its ``rows_per_batch`` of every group. Batches are lists of bins (tuples
     of example indices) for :class:`~hf_optcore.data.packing.PackedDataset`.
 
     Args:
@@ -340,13 +409,12 @@ class MultipackBatchSampler(_ResumableBatchSampler):
         if rows_per_batch < 1:
             raise ValueError(f"MultipackBatchSampler: rows_per_batch must be >= 1, got {rows_per_batch}")
         self.max_seq_len = int(max_seq_len)
-        self.rows_per_batch = int(rows_per_batch)
+        self.rows_per_batch = self.per_device_batch_size = int(rows_per_batch)
         self.bins = pack_best_fit_decreasing(self.lengths, self.max_seq_len)
 
-    def _global_batches(self, gen):
+    def _global_batches(self, gen, size):
         perm = self._permutation(len(self.bins), gen)
-        r = self.rows_per_batch
-        return [[self.bins[j] for j in perm[i : i + r]] for i in range(0, len(perm), r)]
+        return [[self.bins[j] for j in perm[i : i + size]] for i in range(0, len(perm), size)]
 
     def packing_efficiency(self) -> float:
         """Real tokens / (bins x max_seq_len): the fill of the packed rows."""
