@@ -125,7 +125,9 @@ class DataThroughputCallback(TrainerCallback):
 
     ``OptCoreTrainer.training_step`` feeds every micro-batch to :meth:`observe`; at each logging
     step ``OptCoreTrainer.log`` adds :meth:`pop_metrics` (``padding_fraction``,
-    ``real_tokens_per_second``, ``real_tokens``) to the Trainer's logs. It also keeps the train
+    ``real_tokens_per_second``, ``real_tokens``) to the Trainer's logs. In a multi-process run
+    the counters are summed over every rank at logging time (one all-reduce per log, none per
+    micro-batch), so the numbers are those of the whole run, not of rank 0. It also keeps the train
     batch sampler's ``consumed`` count equal to the batches the loop really used (the
     dataloader prefetches ahead of the loop, so the sampler cannot count them itself).
 
@@ -151,18 +153,26 @@ class DataThroughputCallback(TrainerCallback):
         self.real += int(real_tokens)
         self.total += int(total_tokens)
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Metrics since the previous call (empty when no batch was seen), then reset."""
+    def pop_metrics(self, reduce=None) -> dict[str, float]:
+        """Metrics since the previous call (empty when no batch was seen), then reset.
+
+        Args:
+            reduce: optional ``callable([real, padded]) -> [real, padded]`` that sums the two
+                counters over every rank; a collective, so every rank must call ``pop_metrics``.
+        """
         now = self._clock()
-        if self.total == 0:
+        real, total = self.real, self.total
+        if reduce is not None:
+            real, total = (int(x) for x in reduce([real, total]))
+        if total == 0:
             return {}
         out = {
-            "padding_fraction": round(1.0 - self.real / self.total, 6),
-            "real_tokens_per_second": round(self.real / max(now - self._since, 1e-9), 3),
-            "real_tokens": self.real,
+            "padding_fraction": round(1.0 - real / total, 6),
+            "real_tokens_per_second": round(real / max(now - self._since, 1e-9), 3),
+            "real_tokens": real,
         }
-        self.run_real += self.real
-        self.run_total += self.total
+        self.run_real += real
+        self.run_total += total
         self.real = self.total = 0
         self._since = now
         return out

@@ -319,9 +319,18 @@ class OptCoreTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.extensions_enabled and "loss" in logs:
-            # Training logs carry padding fraction and real tokens/s since the previous log.
-            logs.update(self.optcore_data_meter.pop_metrics())
+            # Training logs carry padding fraction and real tokens/s since the previous log, over all ranks.
+            logs.update(self.optcore_data_meter.pop_metrics(reduce=self._optcore_sum_over_ranks))
         super().log(logs, start_time)
+
+    def _optcore_sum_over_ranks(self, counts: list[int]) -> list[int]:
+        """``counts`` summed over the data-parallel ranks (every rank logs the loss at the same steps)."""
+        if self.args.world_size <= 1:
+            return counts
+        import torch
+
+        summed = self.accelerator.reduce(torch.tensor(counts, dtype=torch.int64, device=self.args.device), "sum")
+        return [int(x) for x in summed.tolist()]
 
 
 GenericTrainer = OptCoreTrainer
