@@ -3,8 +3,9 @@
     python tests/distributed/train_tiny.py --out DIR --batch 4                       # 1 process
     accelerate launch --multi_gpu --num_processes 2 tests/distributed/train_tiny.py --out DIR --batch 2
 
-Rank 0 writes ``DIR/result.json``: the per-step losses, the world size the Trainer formed and a
-digest of the final weights (and of the EMA shadows of every rank when ``--ema``).
+Rank 0 writes ``DIR/result.json``: the per-step losses and logged real-token counts, the world size
+the Trainer formed, and per rank a digest of the final weights (and of the EMA shadows when
+``--ema``) and the real tokens that rank itself trained on.
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ def main(argv=None) -> int:
                     control.should_training_stop = True
 
         trainer.add_callback(_Stop())
+    observed = {"real": 0}  # this rank's own real tokens, to check the logged count is the sum over ranks
+    meter_observe = trainer.optcore_data_meter.observe
+
+    def observe(real_tokens, total_tokens):
+        observed["real"] += int(real_tokens)
+        meter_observe(real_tokens, total_tokens)
+
+    trainer.optcore_data_meter.observe = observe
     trainer.train(resume_from_checkpoint=a.resume)
 
     ema_digest = None
@@ -112,11 +121,12 @@ def main(argv=None) -> int:
         shadows = [v for _, v in sorted(_flatten(sd).items()) if torch.is_tensor(v) and v.is_floating_point()]
         ema_digest = digest(shadows)
     model_digest = digest(p for _, p in sorted(trainer.model.named_parameters()))
+    mine = {"model": model_digest, "ema": ema_digest, "observed_real_tokens": observed["real"]}
     gathered = [None] * trainer.args.world_size
     if trainer.args.world_size > 1:
-        torch.distributed.all_gather_object(gathered, {"model": model_digest, "ema": ema_digest})
+        torch.distributed.all_gather_object(gathered, mine)
     else:
-        gathered = [{"model": model_digest, "ema": ema_digest}]
+        gathered = [mine]
     if trainer.is_world_process_zero():
         losses = {int(r["step"]): r["loss"] for r in trainer.state.log_history if "loss" in r}
         Path(a.out, "result.json").write_text(json.dumps({
@@ -125,6 +135,7 @@ def main(argv=None) -> int:
             "distributed_type": str(trainer.accelerator.distributed_type),
             "sharded_params": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
             "losses": losses,
+            "real_tokens": {int(r["step"]): r["real_tokens"] for r in trainer.state.log_history if "real_tokens" in r},
             "global_step": trainer.state.global_step,
             "ranks": gathered,
         }, indent=1))
