@@ -140,6 +140,8 @@ def verify_process_group(args: Any, environ: dict[str, str] | None = None, accel
             logger.warning(message)
     launched = launched_world_size(environ)
     formed = int(getattr(args, "world_size", 1))
+    if formed > 1:
+        _destroy_process_group_at_exit()
     if launched > 1 and formed != launched:
         raise DistributedSetupError(
             f"{launched} processes were launched (WORLD_SIZE={launched}) but the Trainer formed a process group of "
@@ -147,6 +149,32 @@ def verify_process_group(args: Any, environ: dict[str, str] | None = None, accel
             "whole dataset. On a CPU machine set hardware.use_cpu=true (TrainingArguments(use_cpu=True)); on GPUs "
             "check that CUDA is visible to every process"
         )
+
+
+_SHUTDOWN_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process group down before interpreter exit.
+
+    Left to static destructors, gloo's worker threads are destroyed while still joinable and the
+    process aborts ("terminate called without an active exception", exit -6) after a run that
+    finished; measured on about half of 2-process CPU runs here.
+    """
+    global _SHUTDOWN_REGISTERED
+    if _SHUTDOWN_REGISTERED:
+        return
+    import atexit
+
+    import torch.distributed as dist
+
+    def _shutdown():
+        # No barrier here: a rank exiting on an error must not wait for peers that never come.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(_shutdown)
+    _SHUTDOWN_REGISTERED = True
 
 
 def requested_backend_fallback(distributed_type: Any, environ: dict[str, str] | None = None) -> str | None:
