@@ -108,7 +108,7 @@ def run(quick: bool = True) -> dict:
                 r = subprocess.run([sys.executable, "-c", child, kind, str(out), repr(time.time()),
                                     str(out / ckpts[kind].name)], capture_output=True, text=True, timeout=600,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                line = [l for l in r.stdout.splitlines() if l.startswith('{"first_step_s"')]
+                line = [ln for ln in r.stdout.splitlines() if ln.startswith('{"first_step_s"')]
                 if not line:
                     raise RuntimeError(f"resume child ({kind}) failed: {r.stderr[-2000:]}")
                 samples.append(json.loads(line[0])["first_step_s"])

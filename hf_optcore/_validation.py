@@ -21,7 +21,7 @@ def _registry_problem(path: str, name: str, valid: list[str], kind: str) -> str 
     return f"{path}: unknown {kind} {name!r}{hint}; registered: {', '.join(sorted(valid))}"
 
 
-def collect_problems(cfg: "TrainerConfig", cuda_available: bool | None = None) -> list[str]:
+def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> list[str]:
     """Every problem of ``cfg`` as a list of one-line messages (empty when valid)."""
     p: list[str] = []
     t, h, d, c, e, m = cfg.training, cfg.hardware, cfg.data, cfg.checkpoint, cfg.ema, cfg.model

@@ -431,7 +431,7 @@ class TrainerConfig:
     # ---- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, raw: dict | None, validate: bool = True) -> "TrainerConfig":
+    def from_dict(cls, raw: dict | None, validate: bool = True) -> TrainerConfig:
         """Build from a nested dict (as loaded from YAML); unknown keys and bad values are errors."""
         problems: list[str] = []
         if raw is not None and not isinstance(raw, dict):
@@ -460,14 +460,14 @@ class TrainerConfig:
         return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainerConfig":
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainerConfig:
         """Load a YAML file, apply dotted overrides, validate. Errors name the file."""
         return cls.from_sources(path, overrides or [])
 
     @classmethod
     def from_sources(
         cls, path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
-    ) -> "TrainerConfig":
+    ) -> TrainerConfig:
         """``base`` dict, then the YAML file at ``path``, then ``overrides``; validated once."""
         raw = dict(base or {})
         if path is not None:
@@ -496,7 +496,7 @@ class TrainerConfig:
 
     # ---- validation ---------------------------------------------------------------------
 
-    def validate(self, cuda_available: bool | None = None) -> "TrainerConfig":
+    def validate(self, cuda_available: bool | None = None) -> TrainerConfig:
         """Check ranges and combinations; raise one :class:`ConfigError` with every problem."""
         from hf_optcore._validation import collect_problems
 

@@ -1,8 +1,8 @@
 """CheckpointManager standalone: atomic saves, verification, retention, safe loading, topology."""
 
 import os
-import random
 import pickle
+import random
 
 import pytest
 import torch
@@ -132,6 +132,7 @@ def test_loading_never_unpickles_objects(tmp_path):
     # Forge a consistent manifest so only the weights_only refusal can stop it.
     torch.save({"x": Evil()}, path / "scheduler.pt", pickle_protocol=pickle.DEFAULT_PROTOCOL)
     import json
+
     from hf_optcore.checkpoint_manager.storage import sha256_of
 
     m = json.loads((path / "manifest.json").read_text())
