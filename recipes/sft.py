@@ -4,7 +4,8 @@
     accelerate launch recipes/sft.py --config recipes/configs/jargon_lora.yaml training.learning_rate=1e-4
 """
 
+from hf_optcore.distributed import exit_process
 from hf_optcore.recipes.sft import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())  # multi-process runs end without interpreter finalization (see exit_process)

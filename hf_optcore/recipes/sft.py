@@ -219,4 +219,6 @@ def _print_summary(before: dict, after: dict, samples: list[dict], out: Path) ->
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_optcore.distributed import exit_process
+
+    exit_process(main())

@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,4 +153,6 @@ def _flatten(d, prefix=""):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hf_optcore.distributed import exit_process
+
+    exit_process(main())
