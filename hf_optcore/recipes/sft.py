@@ -48,20 +48,20 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "learning_rate": 1e-3,
         "per_device_train_batch_size": 8,
         "per_device_eval_batch_size": 16,
-        "max_steps": 12,
-        "warmup_steps": 2,
+        "max_steps": 36,
+        "warmup_steps": 3,
         "scheduler": "cosine",
         "optimizer": "adamw",
-        "logging_steps": 2,
+        "logging_steps": 4,
         "seed": 42,
     },
     "data": {
         "train_path": str(JARGON_DIR / "train.jsonl"),
         "eval_path": str(JARGON_DIR / "eval.jsonl"),
         "format": "instruction",
-        "max_seq_len": 192,
+        "max_seq_len": 256,
         "batching": "bucket",
-        "max_eval_samples": 24,
+        "max_eval_samples": 32,
     },
     "checkpoint": {"every_n_steps": 0, "keep_last": 1},
 }
@@ -215,7 +215,7 @@ def _print_summary(before: dict, after: dict, samples: list[dict], out: Path) ->
         print(f"\n>>> {s['instruction']}")
         print(f"  before: {s['generation_before'][:300]}")
         print(f"  after:  {s['generation_after'][:300]}")
-    print(f"\noutputs in {out}/ (adapter, tokenizer, config.yaml, metrics.json, samples.json)")
+    print(f"\noutputs in {out}/ (model or adapter, tokenizer, config.yaml, metrics.json, samples.json, report.png)")
 
 
 if __name__ == "__main__":
