@@ -134,16 +134,21 @@ def register_optimizer(
 
     Re-registering an existing name replaces it with a warning.
     """
-    if isinstance(name, OptimizerInfo):
-        return _store(name)
+    return register_entry(OptimizerInfo, _store, name, factory, info)
+
+
+def register_entry(info_cls: type, store: Callable[[Any], Any], name: Any, factory: Any, info: dict):
+    """The call / decorator / ready-made-record forms shared by the optimizer and scheduler registries."""
+    if isinstance(name, info_cls):
+        return store(name)
     if factory is None:
 
         def decorator(obj):
-            _store(OptimizerInfo(name=name, factory=obj, **info))
+            store(info_cls(name=name, factory=obj, **info))
             return obj
 
         return decorator
-    return _store(OptimizerInfo(name=name, factory=factory, **info))
+    return store(info_cls(name=name, factory=factory, **info))
 
 
 def _store(entry: OptimizerInfo) -> OptimizerInfo:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from hf_optcore.optim.registry import UnknownNameError, unknown_name_message
+from hf_optcore.optim.registry import UnknownNameError, register_entry, unknown_name_message
 
 __all__ = [
     "HF_SCHEDULER_NAMES",
@@ -74,16 +74,7 @@ _SCHEDULERS: dict[str, SchedulerInfo] = {}
 
 def register_scheduler(name: Union[str, SchedulerInfo], factory: Optional[Callable[..., Any]] = None, **info: Any):
     """Register a scheduler (call or decorator form, like :func:`~hf_optcore.optim.register_optimizer`)."""
-    if isinstance(name, SchedulerInfo):
-        return _store(name)
-    if factory is None:
-
-        def decorator(obj):
-            _store(SchedulerInfo(name=name, factory=obj, **info))
-            return obj
-
-        return decorator
-    return _store(SchedulerInfo(name=name, factory=factory, **info))
+    return register_entry(SchedulerInfo, _store, name, factory, info)
 
 
 def _store(entry: SchedulerInfo) -> SchedulerInfo:
