@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from hf_optcore.errors import DataError
 
@@ -177,7 +178,10 @@ class ExampleEncoder:
         """Encode ``records`` (dicts, or strings for text) into a :class:`TokenizedDataset`."""
         stats = EncodingStats(format=fmt)
         out = []
-        for i, rec in enumerate(records):
+        # A bar only where someone watches (a terminal) and the wait is noticeable.
+        bar = tqdm(records, desc=f"tokenizing {source}", unit="ex", leave=False,
+                   disable=True if len(records) < 1000 else None)
+        for i, rec in enumerate(bar):
             if isinstance(rec, str):
                 rec = {self.fields["text"]: rec}
             enc = self.encode(rec, fmt, f"{source} example {i}", stats)
