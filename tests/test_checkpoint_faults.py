@@ -128,7 +128,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
 
 @pytest.mark.slow
 def test_sigkill_inside_saves_always_resumes_from_a_complete_checkpoint(tmp_path, uninterrupted):
-    env = {"HF_OPTCORE_CKPT_TEST_DELAY": "0.4"}
+    env = {"HF_OPTCORE_CKPT_TEST_DELAY": "1.0"}
     # (n-th save, point inside it): each run is killed there, then restarted from what is on disk.
     for nth, point in [(1, "after_model"), (2, "before_manifest"), (2, "after_state")]:
         proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path)], stdout=subprocess.PIPE,
