@@ -213,7 +213,7 @@ def run(quick: bool = False, repeats: int | None = None, only: list[str] | None 
                      "mean_example_tokens": round(mean_len, 1), "torch_threads": 1, "quick": quick,
                      "repeats": repeats,
                      "model": "random-init Llama, hidden 64, 2 layers, SmolLM2 vocab (49152)",
-                     "note": "2 shared CPU cores, other jobs running: ratios are indicative"},
+                     "note": "2 CPU cores; ratios, measured in the same run, are what to compare"},
         "results": table,
     }
 
