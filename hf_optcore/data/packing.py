@@ -17,6 +17,7 @@ Pure torch: nothing here imports transformers.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,3 +73,34 @@ class PackedDataset(Dataset):
         if isinstance(bin_, int):
             bin_ = (bin_,)
         return pack_examples([self.base[int(i)] for i in bin_])
+
+
+def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[tuple[int, ...]]:
+    """Pack examples into bins of at most ``capacity`` tokens (best-fit decreasing).
+
+    Examples are placed longest first into the bin with the least remaining room that still
+    fits them, which is never worse than first-fit decreasing (<= 11/9 OPT + 1 bins).
+
+    Args:
+        lengths: token length of every example; each must be <= ``capacity``.
+        capacity: tokens per bin (the packed row length).
+
+    Returns:
+        Bins as tuples of example indices, longest example first, in creation order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (remaining capacity, bin id)
+    for i in order:
+        n = int(lengths[i])
+        if n > capacity:
+            raise ValueError(f"pack_best_fit_decreasing: example {i} has {n} tokens, more than capacity {capacity}")
+        pos = bisect.bisect_left(room, (n, -1))
+        if pos < len(room):
+            left, b = room.pop(pos)
+            bins[b].append(i)
+            bisect.insort(room, (left - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(room, (capacity - n, len(bins) - 1))
+    return [tuple(b) for b in bins]
