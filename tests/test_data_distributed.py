@@ -91,3 +91,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     _worker(parser.parse_args().out)
+    from hf_optcore.distributed import exit_process
+
+    exit_process(0)  # a multi-process run ends without interpreter finalization (see exit_process)
