@@ -38,3 +38,16 @@ def tiny_model():
 @pytest.fixture
 def jargon_paths():
     return JARGON_TRAIN, JARGON_EVAL
+
+
+def record_training_batches(trainer) -> list:
+    """Wrap ``trainer.training_step`` so every micro-batch's ``input_ids`` are appended to the returned list."""
+    seen = []
+    original = trainer.training_step
+
+    def spy(model, inputs, num_items_in_batch=None):
+        seen.append(inputs["input_ids"].clone())
+        return original(model, inputs, num_items_in_batch)
+
+    trainer.training_step = spy
+    return seen

@@ -4,6 +4,7 @@ import inspect
 
 import pytest
 import torch
+from conftest import record_training_batches
 
 from hf_optcore.config import TrainerConfig
 from hf_optcore.data.collator import PaddingCollator, count_real_tokens
@@ -76,14 +77,7 @@ def test_trainer_takes_batches_from_our_sampler_and_logs_padding(tmp_path, tiny_
 
     trainer = OptCoreTrainer(build_tiny_model("llama"), _config(tmp_path, batching), train_dataset=train_set,
                              processing_class=tiny_tokenizer)
-    seen = []
-    original = trainer.training_step
-
-    def spy(model, inputs, num_items_in_batch=None):
-        seen.append(inputs["input_ids"].clone())
-        return original(model, inputs, num_items_in_batch)
-
-    trainer.training_step = spy
+    seen = record_training_batches(trainer)
     trainer.train()
     sampler = trainer.optcore_state["sampler"]
     assert sampler.strategy == batching

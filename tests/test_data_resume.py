@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import record_training_batches
 
 from hf_optcore.config import TrainerConfig
 from hf_optcore.tiny import build_tiny_model
@@ -20,14 +21,7 @@ def _trainer(out, train_set, tok, batching):
         "checkpoint": {"every_n_steps": 3, "keep_last": 3},
     })
     trainer = OptCoreTrainer(build_tiny_model("llama"), cfg, train_dataset=train_set, processing_class=tok)
-    seen = []
-    original = trainer.training_step
-
-    def spy(model, inputs, num_items_in_batch=None):
-        seen.append(inputs["input_ids"].clone())
-        return original(model, inputs, num_items_in_batch)
-
-    trainer.training_step = spy
+    seen = record_training_batches(trainer)
     return trainer, seen
 
 
