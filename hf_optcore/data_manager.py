@@ -21,7 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from hf_optcore.config import DataConfig
 from hf_optcore.data.collator import PaddingCollator
 from hf_optcore.data.encoding import ExampleEncoder, TokenizedDataset
-from hf_optcore.data.loading import detect_format, read_records
+from hf_optcore.data.loading import check_records, detect_format, read_records
 from hf_optcore.data.packing import PackedDataset
 from hf_optcore.data.samplers import (
     BucketBatchSampler,
@@ -136,16 +136,21 @@ class DataManager:
 
     def _fields(self) -> dict[str, str]:
         d = self.data_config
-        return {"text": d.text_field, "instruction": d.instruction_field, "response": d.response_field,
-                "messages": d.messages_field}
+        return {"text": d.text_field, "instruction": d.instruction_field, "input": d.input_field,
+                "response": d.response_field, "messages": d.messages_field}
 
-    def build_dataset(self, examples: list[Any], source: str = "<list>", split: str = "train") -> TokenizedDataset:
+    def build_dataset(self, examples: list[Any], source: str = "<list>", split: str = "train",
+                      locations: list[str] | None = None) -> TokenizedDataset:
         """Tokenize a Python list of strings (text) or dicts (any format) into a :class:`TokenizedDataset`.
+
+        The format is detected from the columns of all rows together, then every row is checked:
+        a missing, null or non-string field is a :class:`DataError` naming the row and the field.
 
         Args:
             examples: strings, or dicts with the columns of one format.
             source: name used in messages and ``stats`` (default ``"<list>"``).
             split: ``"train"`` or ``"eval"``: the key of this dataset in ``stats``.
+            locations: ``locations[i]`` names example ``i`` in ``source`` (default ``example <i>``).
         """
         if not examples:
             raise DataError(f"{source}: the dataset is empty (no examples)")
@@ -153,14 +158,14 @@ class DataManager:
             columns = {self.data_config.text_field}
             examples = [{self.data_config.text_field: e} for e in examples]
         elif all(isinstance(e, dict) for e in examples):
-            columns = set(examples[0])
-            for e in examples[1:]:
-                columns &= set(e)
+            # Any row's columns count: a row that lacks one is then named by check_records.
+            columns = set().union(*examples)
         else:
             kinds = sorted({type(e).__name__ for e in examples})
             raise DataError(f"{source}: examples must all be strings or all dicts, got {', '.join(kinds)}")
         fmt = detect_format(columns, self.data_config.format, self._fields(), source)
-        ds = self.encoder.encode_all(examples, fmt, source)
+        check_records(examples, fmt, self._fields(), source, locations)
+        ds = self.encoder.encode_all(examples, fmt, source, locations)
         self.stats[split] = ds.stats.as_dict() | {"source": source}
         return ds
 
@@ -174,10 +179,13 @@ class DataManager:
         d = self.data_config
         if not d.train_path:
             raise DataError("data.train_path: no training data given (a file path or 'hub:<dataset id>')")
-        train_rows = read_records(d.train_path, d.hub_config_name, d.hub_train_split)
+        records = read_records(d.train_path, d.hub_config_name, d.hub_train_split)
+        # (row, where it is in its file) pairs, so that every error names the file's own line or row.
+        train_rows = list(zip(records, records.locations))
         eval_rows, eval_source = None, None
         if d.eval_path:
-            eval_rows = read_records(d.eval_path, d.hub_config_name, d.hub_eval_split or d.hub_train_split)
+            records = read_records(d.eval_path, d.hub_config_name, d.hub_eval_split or d.hub_train_split)
+            eval_rows = list(zip(records, records.locations))
             eval_source = d.eval_path
         elif d.eval_split_ratio > 0 and len(train_rows) > 1:
             order = list(range(len(train_rows)))
@@ -191,8 +199,10 @@ class DataManager:
             train_rows = train_rows[: d.max_train_samples]
         if eval_rows is not None and d.max_eval_samples is not None:
             eval_rows = eval_rows[: d.max_eval_samples]
-        train = self.build_dataset(train_rows, d.train_path, "train")
-        evald = self.build_dataset(eval_rows, eval_source, "eval") if eval_rows else None
+        train = self.build_dataset([r for r, _ in train_rows], d.train_path, "train", [w for _, w in train_rows])
+        evald = None
+        if eval_rows:
+            evald = self.build_dataset([r for r, _ in eval_rows], eval_source, "eval", [w for _, w in eval_rows])
         return train, evald
 
     # ---- batching -------------------------------------------------------------------------

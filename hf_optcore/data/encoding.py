@@ -16,6 +16,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from hf_optcore.data.loading import record_problem
 from hf_optcore.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -105,23 +106,22 @@ class ExampleEncoder:
         return full, spans
 
     def _render(self, rec: dict, fmt: str, where: str) -> tuple[str, list[tuple[int, int]], bool]:
-        """``(text, completion spans, add_special_tokens)``."""
+        """``(text, completion spans, add_special_tokens)``; values are checked, never stringified."""
+        problem = record_problem(rec, fmt, self.fields)
+        if problem:
+            raise DataError(f"{where}: {problem} (format {fmt!r})")
         f = self.fields
         if fmt == "text":
-            text = str(rec[f["text"]])
+            text = rec[f["text"]]
             eos = self.tok.eos_token or ""
             if eos and not text.endswith(eos):
                 text += eos
             return text, [(0, len(text))], True
         if fmt == "chat":
-            messages = rec[f["messages"]]
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise DataError(f"{where}: column {f['messages']!r} must be a list of {{role, content}} objects")
-            text, spans = self._render_chat(messages, where)
+            text, spans = self._render_chat(rec[f["messages"]], where)
             return text, spans, False
-        instruction = str(rec[f["instruction"]])
+        instruction, response = rec[f["instruction"]], rec[f["response"]]
         extra = rec.get(f["input"]) or ""
-        response = str(rec[f["response"]])
         if self.has_chat_template:
             user = instruction + (f"\n\n{extra}" if extra else "")
             text, spans = self._render_chat(
@@ -174,8 +174,12 @@ class ExampleEncoder:
         stats.target_tokens += sum(x != -100 for x in labels[1:])
         return {"input_ids": ids, "labels": labels}
 
-    def encode_all(self, records: list[Any], fmt: str, source: str) -> TokenizedDataset:
-        """Encode ``records`` (dicts, or strings for text) into a :class:`TokenizedDataset`."""
+    def encode_all(self, records: list[Any], fmt: str, source: str,
+                   locations: list[str] | None = None) -> TokenizedDataset:
+        """Encode ``records`` (dicts, or strings for text) into a :class:`TokenizedDataset`.
+
+        ``locations[i]`` names record ``i`` in ``source`` in error messages (default ``example <i>``).
+        """
         stats = EncodingStats(format=fmt)
         out = []
         # A bar only where someone watches (a terminal) and the wait is noticeable.
@@ -184,7 +188,8 @@ class ExampleEncoder:
         for i, rec in enumerate(bar):
             if isinstance(rec, str):
                 rec = {self.fields["text"]: rec}
-            enc = self.encode(rec, fmt, f"{source} example {i}", stats)
+            where = f"{source}: {locations[i]}" if locations else f"{source}: example {i}"
+            enc = self.encode(rec, fmt, where, stats)
             if enc is not None:
                 out.append(enc)
         if not out:
