@@ -21,18 +21,38 @@ class NonFiniteError(OptCoreError, FloatingPointError):
 
 
 class PreemptionHandler:
-    """Turns SIGTERM / SIGUSR1 into a flag that the loop checks at the end of each optimizer step.
+    """Turns SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) into a flag that the loop checks at the end of each optimizer step.
+
+    The loop then saves a checkpoint at the step boundary and stops. ``received`` is the first
+    signal that arrived (``signal.SIGINT`` for a Ctrl-C: a run stopped that way should exit with
+    status ``128 + SIGINT`` = 130, see :attr:`exit_status`). A second SIGINT does not wait for the
+    step: it restores the previous SIGINT handler and raises :class:`KeyboardInterrupt` at once.
+    SIGINT is left alone when it was ignored (a background job started with ``nohup`` or ``&``).
 
     Args:
-        signals: the signals to catch (default SIGTERM and SIGUSR1 where the platform has it).
+        signals: the signals to catch (default SIGTERM, SIGUSR1 where the platform has it, and SIGINT).
     """
 
     def __init__(self, signals: tuple[int, ...] | None = None):
         if signals is None:
-            signals = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+            signals = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT)
+                            if s is not None)
         self.signals = signals
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the stop was asked for with Ctrl-C (SIGINT) rather than by a scheduler."""
+        return self.received == signal.SIGINT
+
+    @property
+    def exit_status(self) -> int | None:
+        """The status a run stopped by the signal should exit with: 130 after SIGINT (the shell's
+        convention for Ctrl-C), 0 after SIGTERM/SIGUSR1 (a preemption, saved and resumable); None without one."""
+        if self.received is None:
+            return None
+        return 128 + signal.SIGINT if self.interrupted else 0
 
     def install(self) -> bool:
         """Install the handlers; False (with a warning) when not in the main thread."""
@@ -40,17 +60,35 @@ class PreemptionHandler:
             logger.warning("preemption handling needs the main thread; SIGTERM will not save a checkpoint")
             return False
         for sig in self.signals:
+            if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
         return True
 
     def uninstall(self) -> None:
         for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
+            # None: the previous handler was not installed from Python; the default is the closest.
+            signal.signal(sig, prev if prev is not None else self._default_handler(sig))
         self._previous.clear()
 
+    @staticmethod
+    def _default_handler(sig: int) -> Any:
+        return signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
-        self.received = signum
-        logger.warning("received signal %s: finishing the current step, then saving and exiting", signum)
+        if signum == signal.SIGINT and self.received is not None:
+            # A second Ctrl-C: the user will not wait for the step to end.
+            previous = self._previous.pop(signum, None)
+            signal.signal(signum, previous if previous is not None else self._default_handler(signum))
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            logger.warning("received SIGINT (Ctrl-C): finishing the current step, then saving a checkpoint and "
+                           "stopping; press Ctrl-C again to abort at once without saving")
+        else:
+            logger.warning("received signal %s: finishing the current step, then saving and exiting", name)
 
     def requested(self) -> bool:
         """Whether any rank received a signal (all-reduced in a process group, so all ranks agree)."""
