@@ -6,8 +6,10 @@ the user sees every problem of a config in one error, before anything heavy runs
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hf_optcore.config import TrainerConfig
@@ -171,4 +173,24 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
             need(not e.warmup, "ema.half_life_steps: choose either a half-life or ema.warmup, got both")
     elif e.use_for_final_model:
         p.append("ema.use_for_final_model: needs ema.enabled=true")
-    return [msg for msg in p if msg]
+    # A non-finite value passes every range check above (inf > 0) and then ruins the run: weights are
+    # NaN after one step. Such a key is reported once, as non-finite, instead of also out of range.
+    bad = nonfinite_values(cfg)
+    keys = tuple(f"{key}:" for key, _ in bad)
+    return [f"{key}: must be a finite number, got {value}" for key, value in bad] + [
+        msg for msg in p if msg and not msg.startswith(keys)]
+
+
+def nonfinite_values(obj: Any, path: str = "") -> list[tuple[str, float]]:
+    """``(dotted key, value)`` of every inf or nan anywhere in ``obj`` (a config, section, dict or list)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        return [hit for i, v in enumerate(obj) for hit in nonfinite_values(v, f"{path}[{i}]")]
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        return [(path, obj)]
+    else:
+        return []
+    return [hit for k, v in items for hit in nonfinite_values(v, f"{path}.{k}" if path else str(k))]
