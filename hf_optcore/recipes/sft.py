@@ -140,12 +140,17 @@ def _ppl(loss: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the recipe; returns the process exit status (0 ok, 2 bad input)."""
-    args = parse_args(argv)
+    """Run the recipe; returns the process exit status (0 ok, 2 bad input: one ``error:`` line per problem)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # a user error raises (traceback) instead of printing one line
+    args = parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = build_config(args)
         _resolve_paths(config)
+        from hf_optcore.preflight import check_preflight
+
+        check_preflight(config)  # every problem knowable before the model loads, all at once
         from hf_optcore.data_manager import DataManager
         from hf_optcore.model_manager import ModelManager
 
@@ -154,9 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         data_mgr = DataManager(config.training, config.hardware, tokenizer, data_config=config.data,
                                seed=config.training.seed)
         train_dataset, eval_dataset = data_mgr.load_datasets()
+        if not args.no_samples and not getattr(tokenizer, "chat_template", None) and any(
+                isinstance(r.get("instruction"), str) for r in _read_rows(config.data.eval_path, SAMPLE_TERMS)):
+            raise ConfigError([f"model.chat_template: the tokenizer of {config.model.name_or_path!r} has no chat "
+                               f"template, which the before/after samples need; set model.chat_template or pass "
+                               f"--no-samples"])
         model = model_mgr.load_model()
     except (ConfigError, OptCoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        for problem in getattr(exc, "problems", None) or [str(exc)]:
+            print(f"error: {problem}", file=sys.stderr)
         return 2
 
     from hf_optcore.trainer import OptCoreTrainer
@@ -171,11 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     is_main = trainer.is_world_process_zero()
     sample_rows = [] if args.no_samples else _sample_prompts(_read_rows(config.data.eval_path, SAMPLE_TERMS))
+    sample_rows = [r for r in sample_rows if isinstance(r.get("instruction"), str)]  # samples prompt instructions
 
     before = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
     samples_before = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
 
-    train_output = trainer.train()
+    from hf_optcore.checkpoint_manager.faults import NonFiniteError
+
+    try:
+        train_output = trainer.train()
+    except NonFiniteError:
+        raise  # a divergence is not bad input; the trainer decides how it ends
+    except (ConfigError, OptCoreError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # e.g. a checkpoint found incompatible only now
+        return 2
 
     after = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
     samples_after = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
