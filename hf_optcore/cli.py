@@ -7,8 +7,12 @@
     hf-optcore report RUN_DIR                             # report.png + report.md for a run directory
 
 CONFIG is a YAML file merged over the recipe's embedded default, exactly as ``train`` does, so
-``validate`` and ``show-config`` describe the run ``train`` would start. Exit status: 0 ok,
-2 bad input (every problem printed on stderr, one per line).
+``validate`` and ``show-config`` describe the run ``train`` would start; ``validate`` also runs the
+recipe's preflight (:mod:`hf_optcore.preflight`: output dir, data files, eval set, metric, packages,
+sequence length, resume), writing nothing. Overrides may come before or after flags.
+
+Exit status: 0 ok, 2 bad input: every problem printed on stderr as one ``error: ...`` line, no
+traceback (``--debug`` raises instead, to show one). Only bugs print tracebacks.
 """
 
 from __future__ import annotations
@@ -16,16 +20,24 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 __all__ = ["main"]
 
 
-def _split_config(ns: argparse.Namespace) -> None:
-    # `hf-optcore validate training.max_steps=3` has no CONFIG: the first override landed there.
-    if ns.config is not None and "=" in ns.config and not Path(ns.config).is_file():
-        ns.overrides = [ns.config, *ns.overrides]
-        ns.config = None
+def _is_override(token: str) -> bool:
+    return "=" in token and not Path(token).is_file()
+
+
+def _split_config(ns: argparse.Namespace, extra: list[str]) -> None:
+    """CONFIG and overrides from every positional token, wherever the flags were.
+
+    argparse fills CONFIG and the overrides only from the positionals before the first flag and
+    leaves later ones in ``extra``; ``hf-optcore validate training.max_steps=3`` has no CONFIG, so
+    the first override lands in it.
+    """
+    tokens = ([ns.config] if ns.config is not None else []) + list(ns.overrides) + extra
+    ns.config = tokens.pop(0) if tokens and not _is_override(tokens[0]) else None
+    ns.overrides = tokens
 
 
 def _recipe_default() -> dict | None:
@@ -43,52 +55,23 @@ def _resolve(ns: argparse.Namespace, bare: bool = False):
     return TrainerConfig.from_sources(ns.config, ns.overrides, base=base)
 
 
-def _file_problems(config: Any) -> list[str]:
-    """Data files named by the config that do not exist (the recipe would stop on them later)."""
-    problems = []
-    repo = Path(__file__).resolve().parents[1]
-    for key in ("train_path", "eval_path"):
-        value = getattr(config.data, key)
-        if not value or value.startswith("hub:"):
-            continue
-        if not Path(value).exists() and not (repo / value).exists():
-            problems.append(f"data.{key}: file {value!r} not found")
-    return problems
-
-
-def _print_problems(problems: list[str], where: str) -> None:
-    n = len(problems)
-    print(f"{where}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
-    for p in problems:
-        print(f"  - {p}", file=sys.stderr)
+def print_errors(exc: BaseException) -> None:
+    """One ``error: ...`` line on stderr per problem of ``exc`` (a ConfigError lists several)."""
+    for problem in getattr(exc, "problems", None) or [str(exc)]:
+        print(f"error: {problem}", file=sys.stderr)
 
 
 def cmd_validate(ns: argparse.Namespace) -> int:
-    from hf_optcore.config import ConfigError
+    from hf_optcore.preflight import check_preflight
 
-    where = ns.config or "embedded default"
-    try:
-        config = _resolve(ns, ns.bare)
-    except ConfigError as exc:
-        _print_problems(exc.problems, where)
-        return 2
-    problems = _file_problems(config)
-    if problems:
-        _print_problems(problems, where)
-        return 2
-    print(f"{where}: valid")
+    config = _resolve(ns, ns.bare)
+    check_preflight(config)
+    print(f"{ns.config or 'embedded default'}: valid")
     return 0
 
 
 def cmd_show_config(ns: argparse.Namespace) -> int:
-    from hf_optcore.config import ConfigError
-
-    try:
-        config = _resolve(ns, ns.bare)
-    except ConfigError as exc:
-        _print_problems(exc.problems, ns.config or "embedded default")
-        return 2
-    sys.stdout.write(config.to_yaml())
+    sys.stdout.write(_resolve(ns, ns.bare).to_yaml())
     return 0
 
 
@@ -98,6 +81,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     argv = ["--config", ns.config] if ns.config else []
     if ns.no_samples:
         argv.append("--no-samples")
+    if ns.debug:
+        argv.append("--debug")
     return int(sft.main([*argv, *ns.overrides]) or 0)
 
 
@@ -147,9 +132,10 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
     try:
         png, md = write_report(ns.run_dir)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ReportError:
+        raise
+    except OSError as exc:  # e.g. a run directory that cannot be written into
+        raise ReportError(f"cannot write the report into {ns.run_dir!r}: {exc.strerror or exc}") from exc
     print(f"wrote {png}\nwrote {md}")
     return 0
 
@@ -157,6 +143,10 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-optcore`` argument parser (subcommands train, validate, show-config, list-optimizers, report)."""
     ap = argparse.ArgumentParser(prog="hf-optcore", description="Fine-tune causal LMs with hf_optcore.")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a user error instead of one line")
+    # The flag also after the command; SUPPRESS keeps a subcommand from resetting the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, bare_flag: bool = True) -> None:
@@ -166,37 +156,55 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--bare", action="store_true",
                            help="start from TrainerConfig's defaults instead of the recipe's embedded default")
 
-    p = sub.add_parser("train", help="run the SFT recipe on a config")
+    p = sub.add_parser("train", help="run the SFT recipe on a config", parents=[common])
     with_config(p, bare_flag=False)
     p.add_argument("--no-samples", action="store_true", help="skip the before/after sample generations")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="list every problem of a config (exit status 2 if any)")
+    p = sub.add_parser("validate", help="list every problem of a config (exit status 2 if any)", parents=[common])
     with_config(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("show-config", help="print the resolved config, defaults included, as YAML")
+    p = sub.add_parser("show-config", help="print the resolved config, defaults included, as YAML", parents=[common])
     with_config(p)
     p.set_defaults(func=cmd_show_config)
 
-    p = sub.add_parser("list-optimizers", help="the registered optimizers and their capabilities")
+    p = sub.add_parser("list-optimizers", help="the registered optimizers and their capabilities", parents=[common])
     p.add_argument("--filter", default=None, help="glob (adam*) or substring")
     p.add_argument("--available", action="store_true", help="only optimizers whose package is installed")
     p.add_argument("--schedulers", action="store_true", help="also list the schedulers")
     p.set_defaults(func=cmd_list_optimizers)
 
-    p = sub.add_parser("report", help="write report.png and report.md for a run directory")
+    p = sub.add_parser("report", help="write report.png and report.md for a run directory", parents=[common])
     p.add_argument("run_dir", help="a run's output_dir (or one of its checkpoint folders)")
     p.set_defaults(func=cmd_report)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hf-optcore`` console script; returns the exit status."""
-    ns = build_parser().parse_args(argv)
-    if hasattr(ns, "config"):
-        _split_config(ns)
-    return ns.func(ns)
+    """Entry point of the ``hf-optcore`` console script; returns the exit status.
+
+    A user error (bad config, missing file, failed preflight, bad data, unreadable run directory)
+    prints one ``error: ...`` line per problem and returns 2; with ``--debug`` it is raised instead.
+    """
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags or (extra and not hasattr(ns, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if hasattr(ns, "overrides"):
+        _split_config(ns, extra)
+    from hf_optcore.config import ConfigError
+    from hf_optcore.errors import OptCoreError
+    from hf_optcore.report import ReportError
+
+    try:
+        return ns.func(ns)
+    except (ConfigError, OptCoreError, ReportError) as exc:
+        if ns.debug:
+            raise
+        print_errors(exc)
+        return 2
 
 
 if __name__ == "__main__":

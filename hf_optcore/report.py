@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hf_optcore.errors import OptCoreError
+
 __all__ = ["ReportError", "find_log_history", "series", "write_report"]
 
 # Each curve accepts the names the Trainer and hf_optcore's callbacks log it under.
@@ -30,8 +32,8 @@ _TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_se
 _CKPT = re.compile(r"checkpoint-(\d+)$")
 
 
-class ReportError(FileNotFoundError):
-    """A run directory holds no training log to report on."""
+class ReportError(OptCoreError, FileNotFoundError):
+    """A run directory holds no training log that can be reported on (missing or unreadable)."""
 
 
 def find_log_history(run_dir: str | Path) -> tuple[list[dict], Path]:
@@ -59,8 +61,21 @@ def find_log_history(run_dir: str | Path) -> tuple[list[dict], Path]:
             f"no trainer_state.json in {str(root)!r} or its checkpoints; give the output_dir of a run "
             "(or one of its checkpoint-N folders)"
         )
-    state = json.loads(candidates[0].read_text(encoding="utf-8"))
-    return list(state.get("log_history", [])), candidates[0]
+    return _read_log_history(candidates[0]), candidates[0]
+
+
+def _read_log_history(path: Path) -> list[dict]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ReportError(f"{str(path)!r} is not a readable trainer state (not valid JSON: {exc})") from None
+    except OSError as exc:
+        raise ReportError(f"{str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise ReportError(f"{str(path)!r} is not a trainer state: expected an object with a 'log_history' list")
+    # Rows that are not objects carry nothing to plot; they are skipped, not fatal.
+    return [row for row in history if isinstance(row, dict)]
 
 
 def _state_step(path: Path) -> int:
@@ -73,6 +88,12 @@ def _state_step(path: Path) -> int:
         return -1
 
 
+def _step_of(row: dict, default: int) -> int:
+    step = row.get("step", default)
+    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) \
+        else default
+
+
 def series(log_history: list[dict], keys: tuple[str, ...]) -> tuple[list[int], list[float]]:
     """``(steps, values)`` of the first of ``keys`` found in each log row (finite numbers only)."""
     steps, values = [], []
@@ -80,7 +101,7 @@ def series(log_history: list[dict], keys: tuple[str, ...]) -> tuple[list[int], l
         for key in keys:
             value = row.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                steps.append(int(row.get("step", len(steps))))
+                steps.append(_step_of(row, len(steps)))
                 values.append(float(value))
                 break
     return steps, values
@@ -93,7 +114,7 @@ def _final_metrics(log_history: list[dict]) -> dict[str, Any]:
             if key not in ("step", "epoch") and isinstance(value, (int, float)):
                 final[key] = value
     if log_history:
-        final["step"] = max(int(r.get("step", 0)) for r in log_history)
+        final["step"] = max(_step_of(r, 0) for r in log_history)
         epochs = [r["epoch"] for r in log_history if isinstance(r.get("epoch"), (int, float))]
         if epochs:
             final["epoch"] = max(epochs)
@@ -104,7 +125,10 @@ def _final_metrics(log_history: list[dict]) -> dict[str, Any]:
 
 
 def _plot(log_history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("drawing report.png needs matplotlib, which is not installed; pip install matplotlib") from None
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

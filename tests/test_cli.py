@@ -38,7 +38,8 @@ def test_validate_lists_every_problem_and_exits_2(tmp_path, capsys):
     rc = cli.main(["validate", str(cfg), "ema.decay=1.5", "training.lerning_rate=1", "data.train_path=/nope.jsonl"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "3 problems" in err
+    lines = err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)  # one line per problem
     assert "training.learning_rate: must be > 0, got -1" in err
     assert "ema.decay: must be in (0, 1), got 1.5" in err
     assert "training.lerning_rate: unknown key (did you mean 'learning_rate'?)" in err
