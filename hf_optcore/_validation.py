@@ -154,7 +154,8 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
 
     # ---- checkpoint ----
     need(c.every_n_steps >= 0, f"checkpoint.every_n_steps: must be >= 0, got {c.every_n_steps}")
-    need(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1 (the latest is never deleted), got {c.keep_last}")
+    if c.keep_last is not None:
+        need(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1 or null (keep all), got {c.keep_last}")
     need(c.keep_best >= 0, f"checkpoint.keep_best: must be >= 0, got {c.keep_best}")
     if c.keep_every_n_steps is not None:
         need(c.keep_every_n_steps >= 1, f"checkpoint.keep_every_n_steps: must be >= 1, got {c.keep_every_n_steps}")

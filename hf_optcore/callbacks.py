@@ -17,7 +17,7 @@ class TrainingReportCallback(TrainerCallback):
     it describes has already finished and its checkpoints are safe.
 
     Args:
-        config: the run's ``TrainerConfig``, included resolved in ``report.md``.
+        config: the run's ``TrainerConfig`` (or a callable returning it), included resolved in ``report.md``.
     """
 
     def __init__(self, config=None):
@@ -36,14 +36,15 @@ class TrainingReportCallback(TrainerCallback):
             out.mkdir(parents=True, exist_ok=True)
             # The HF file `hf-optcore report RUN_DIR` reads later (Trainer.save_state writes the same).
             state.save_to_json(str(out / "trainer_state.json"))
-            write_report(out, state.log_history, self.config)
+            write_report(out, state.log_history, self.config() if callable(self.config) else self.config)
         except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
             logging.getLogger(__name__).warning("could not write the training report in %s: %s", out, exc)
 
 
 class CheckpointCallback(TrainerCallback):
-    """At the end of each optimizer step: on SIGTERM/SIGUSR1 save and stop; with
-    ``checkpoint.every_n_steps=0`` save once at the final step.
+    """Run safety around each optimizer step: a non-finite step is skipped (or stops the run), an update that
+    leaves non-finite weights stops it, a signal (SIGTERM, SIGUSR1, Ctrl-C) saves at the step boundary and
+    stops, and with ``checkpoint.every_n_steps=0`` one checkpoint is saved at the final step.
 
     Args:
         checkpointing: the trainer's ``TrainerCheckpointing`` (``hf_optcore.checkpoint_manager``).
@@ -54,6 +55,12 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.checkpointing.on_train_begin(train_dataloader)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.checkpointing.before_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.checkpointing.after_optimizer_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.checkpointing.on_step_end(control)
@@ -74,12 +81,14 @@ class EMACallback(TrainerCallback):
         config: the run's ``EMAConfig``.
         get_model: returns the Trainer's current model.
         on_train_end: called with the manager when training ends (export, final weights).
+        step_skipped: returns True when the optimizer step just ended was skipped (non-finite): no update then.
     """
 
-    def __init__(self, config, get_model, on_train_end=None):
+    def __init__(self, config, get_model, on_train_end=None, step_skipped=None):
         self.config = config
         self._get_model = get_model
         self._on_train_end = on_train_end
+        self._step_skipped = step_skipped
         self.manager = None
         self._pending = None
 
@@ -112,6 +121,8 @@ class EMACallback(TrainerCallback):
         self.ensure_manager()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._step_skipped is not None and self._step_skipped():
+            return  # the weights did not move: averaging them again would count the step twice
         (self.manager or self.ensure_manager()).update(state.global_step)
         self._pending = None
 

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedSetupError",
+    "barrier",
+    "rank_and_world",
     "launched_world_size",
     "needs_cpu_process_group",
     "prepare_process_group",
@@ -53,6 +55,26 @@ def launched_world_size(environ: dict[str, str] | None = None) -> int:
             except ValueError:
                 raise DistributedSetupError(f"environment variable {var} must be an integer, got {raw!r}") from None
     return 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised torch.distributed group, ``(0, 1)`` without one.
+
+    The one "is this distributed" probe of hf_optcore.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a multi-process group)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def _accelerator_available() -> bool:

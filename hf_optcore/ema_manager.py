@@ -26,20 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_optcore.wrapping import unwrap_model
+
 __all__ = ["EMAManager"]
 
 _STATE_VERSION = 1
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names are the model's own (no ``module.`` / ``_orig_mod.``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +76,7 @@ class EMAManager:
         self.device = torch.device(device) if device is not None else None
         self._check_config()
 
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         self._params: dict[str, torch.Tensor] = {
             name: p for name, p in self.model.named_parameters() if p.requires_grad
         }
@@ -233,11 +224,6 @@ class EMAManager:
             return
         for name, p in self._params.items():
             _local(p.detach()).copy_(self.shadow[name])
-
-    @property
-    def is_applied(self) -> bool:
-        """True between :meth:`apply` and :meth:`restore`."""
-        return self._backup is not None
 
     def tracked_names(self) -> list[str]:
         """Names of the tracked tensors (buffers prefixed ``buffer:``)."""

@@ -19,3 +19,14 @@ class DataError(OptCoreError, ValueError):
 
 class CheckpointError(OptCoreError):
     """A checkpoint is missing, incomplete, corrupt or incompatible with this run."""
+
+
+def did_you_mean(name: str, valid, cutoff: float = 0.6) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``valid`` to ``name``, else ``""``.
+
+    The one suggestion helper of every user-facing error (config keys, registry names, ...).
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=cutoff)
+    return f" (did you mean '{close[0]}'?)" if close else ""

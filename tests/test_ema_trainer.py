@@ -236,6 +236,8 @@ def test_nothing_trainable_fails_at_construction(tmp_path):
 
 
 def test_user_compute_metrics_still_runs_beside_token_exact_loss(tmp_path):
+    """One pass per set of weights: the user's metrics and the token-weighted loss come from the same pass,
+    once with the live weights and once with the EMA weights swapped in."""
     seen = []
 
     def compute_metrics(eval_pred):
@@ -245,7 +247,7 @@ def test_user_compute_metrics_still_runs_beside_token_exact_loss(tmp_path):
     cfg = _config(tmp_path, training={"max_steps": 1})
     trainer = _trainer(cfg, compute_metrics=compute_metrics)
     metrics = trainer.evaluate()
-    assert metrics["eval_custom"] == 1.5 and seen == [7]
+    assert metrics["eval_custom"] == 1.5 and metrics["eval_ema_custom"] == 1.5 and seen == [7, 7]
     batches = [collate(_dataset(7, 2)[i:i + 3]) for i in range(0, 7, 3)]
     alone = Evaluator(cfg.training, trainer.model, batches, "cpu").evaluate()
     assert metrics["eval_loss"] == pytest.approx(alone["loss"], abs=1e-6)  # ours, not HF's mean of batch means

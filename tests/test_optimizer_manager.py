@@ -215,8 +215,8 @@ def test_trainer_evaluates_schedule_free_at_its_average_and_resumes_training_mod
     inner = unwrap_optimizer(trainer.optimizer)
     inner.train()
     seen = []
-    original = trainer._optcore_evaluate
-    trainer._optcore_evaluate = lambda *a: (seen.append(inner.param_groups[0]["train_mode"]), original(*a))[1]
+    original = trainer.evaluation_loop
+    trainer.evaluation_loop = lambda *a, **k: (seen.append(inner.param_groups[0]["train_mode"]), original(*a, **k))[1]
     metrics = trainer.evaluate()
     assert seen == [False] and inner.param_groups[0]["train_mode"] is True
     assert metrics["eval_loss"] > 0

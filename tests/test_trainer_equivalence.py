@@ -84,7 +84,11 @@ def test_trainer_config_turns_extensions_on(tmp_path):
     )
     trainer = OptCoreTrainer(model=build_tiny_model(), args=cfg, processing_class=build_tiny_tokenizer())
     assert trainer.extensions_enabled
-    assert trainer.optcore_config is cfg
+    # trainer.args holds every value; optcore_config is its nested view: what was passed, as it runs
+    # (transformers turns pin_memory off with use_cpu).
+    cfg.hardware.dataloader_pin_memory = False
+    assert trainer.optcore_config == cfg
+    assert type(trainer.args).__name__ == "OptCoreTrainingArguments"
     assert trainer.args.learning_rate == 1e-3
     assert trainer.args.per_device_train_batch_size == 2
     assert trainer.args.max_steps == 3

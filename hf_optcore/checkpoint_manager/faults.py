@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import signal
@@ -108,12 +107,33 @@ def _is_finite(value: Any) -> bool:
     return math.isfinite(float(value))
 
 
-class NonFiniteGuard:
-    """Skips an optimizer step whose loss or gradient norm is non-finite, or stops the run.
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)  # a DTensor shard (FSDP2): each rank checks what it holds
+    return to_local() if callable(to_local) else t
 
-    The guard wraps ``optimizer.step`` once: an armed step does nothing and reports itself
-    skipped (``step_was_skipped`` on Accelerate's optimizer), so the scheduler is not stepped
-    either; parameters and optimizer moments stay untouched.
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when every element of ``tensors`` is finite, on every rank (one reduction over all of them)."""
+    local = [_local(t.detach()) for t in tensors if t is not None]
+    ok = True
+    if local:
+        norms = torch._foreach_norm(local)
+        ok = bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([0.0 if ok else 1.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        ok = bool(flag.item() == 0)
+    return ok
+
+
+class NonFiniteGuard:
+    """Decides, before each optimizer step, whether it is skipped (or the run stops); checks the weights after it.
+
+    A step is bad when a micro-batch loss or a gradient is non-finite on any rank. A skipped step
+    changes nothing: the caller drops the gradients (the optimizer then leaves parameters and
+    moments alone) and puts the scheduler back. An update that leaves non-finite *weights* (a
+    learning rate of inf, an overflow) cannot be undone by skipping later steps: it stops the run
+    at once, before anything is saved, so the last checkpoint stays the resume point.
 
     Args:
         on_nonfinite: ``"skip"`` or ``"stop"``.
@@ -127,32 +147,26 @@ class NonFiniteGuard:
         self.skipped_steps: list[int] = []
         self.last_step_skipped = False
         self._bad_loss = False
-        self._armed = False
-        self._wrapped: Any = None
 
     def observe_loss(self, loss: Any) -> None:
         """Record a micro-batch loss; a non-finite one marks the current optimizer step bad."""
         if not _is_finite(loss):
             self._bad_loss = True
 
-    def check(self, grad_norm: Any, step: int) -> bool:
-        """Decide on the step about to be taken; True when it will be skipped.
+    def should_skip(self, grads: list[torch.Tensor], step: int) -> bool:
+        """Decide on optimizer step ``step + 1`` from its losses and gradients; True when it is to be skipped.
 
         Raises:
             NonFiniteError: with ``on_nonfinite="stop"``, or after ``max_consecutive`` bad steps.
         """
-        bad = self._bad_loss or not _is_finite(grad_norm)
+        bad = not all_finite(grads + ([torch.tensor(float("nan"))] if self._bad_loss else []))
         self._bad_loss = False
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([1.0 if bad else 0.0])
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            bad = bool(t.item() > 0)
+        self.last_step_skipped = False
         if not bad:
             self.consecutive = 0
-            self._armed = self.last_step_skipped = False
             return False
         self.consecutive += 1
-        what = f"non-finite loss or gradient norm ({grad_norm}) at optimizer step {step + 1}"
+        what = f"non-finite loss or gradients at optimizer step {step + 1}"
         if self.on_nonfinite == "stop":
             raise NonFiniteError(f"{what}; checkpoint.on_nonfinite is 'stop', so training stops here "
                                  f"(the last saved checkpoint is intact)")
@@ -164,26 +178,13 @@ class NonFiniteGuard:
             )
         logger.warning("%s: step skipped (%d in a row)", what, self.consecutive)
         self.skipped_steps.append(step + 1)
-        self._armed = self.last_step_skipped = True
+        self.last_step_skipped = True
         return True
 
-    def wrap(self, optimizer: Any) -> None:
-        """Route ``optimizer.step`` through the guard (idempotent)."""
-        if optimizer is None or self._wrapped is optimizer:
-            return
-        original = optimizer.step
-
-        # wraps() keeps the scheduler's marker on step, so torch does not warn about an override.
-        @functools.wraps(original)
-        def step(*args, **kwargs):
-            if self._armed:
-                self._armed = False
-                if hasattr(optimizer, "_is_overflow"):
-                    optimizer._is_overflow = True  # Accelerate then skips the scheduler step
-                return None
-            if hasattr(optimizer, "_is_overflow"):
-                optimizer._is_overflow = False
-            return original(*args, **kwargs)
-
-        optimizer.step = step
-        self._wrapped = optimizer
+    def check_weights(self, params: list[torch.Tensor], step: int) -> None:
+        """Raise :class:`NonFiniteError` when the update of step ``step + 1`` left a non-finite weight."""
+        if not all_finite(params):
+            raise NonFiniteError(
+                f"the update of optimizer step {step + 1} left non-finite weights (a learning rate too high, or an "
+                f"overflow); training stops without saving them (the last saved checkpoint is intact)"
+            )

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,11 @@ import torch
 from hf_optcore.checkpoint_manager import rng as _rng
 from hf_optcore.checkpoint_manager import storage
 from hf_optcore.checkpoint_manager.retention import metric_greater_is_better, select_to_keep
+from hf_optcore.distributed import barrier as _barrier
+from hf_optcore.distributed import rank_and_world as _dist
 from hf_optcore.errors import CheckpointError
+from hf_optcore.wrapping import is_peft_model as _is_peft
+from hf_optcore.wrapping import unwrap_model as _unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -26,33 +29,17 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
 TOPOLOGY_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+COMPONENTS_DIR = "components"
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def component_file(name: str) -> str:
+    """Where component ``name``'s state lives inside a checkpoint."""
+    return f"{COMPONENTS_DIR}/{name}.pt"
 
 
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None or not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
+def rank_file(rank: int) -> str:
+    """Where one rank's RNG state (and pending collate RNG) lives inside a checkpoint."""
+    return f"{COMPONENTS_DIR}/rng_rank{rank}.pt"
 
 
 def _torch_load(path: Path) -> Any:
@@ -184,25 +171,41 @@ class CheckpointManager:
         if rank == 0:
             storage.begin(self.output_dir, step)
         _barrier()
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save({"rng": _rng.capture(), **(rank_state or {})}, tmp / "rng" / f"rank{rank}.pt")
+        (tmp / COMPONENTS_DIR).mkdir(exist_ok=True)
+        torch.save({"rng": _rng.capture(), **(rank_state or {})}, tmp / rank_file(rank))
         _barrier()
         final = self.output_dir / f"{storage.PREFIX}{step}"
         if rank == 0:
             self._write_shared(tmp, extra_json or {})
-            clean = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
-            meta = {
-                "metrics": clean,
-                "config_hash": self.trainer_config.fingerprint() if self.trainer_config is not None else None,
-                "topology": {**self.topology, "world_size": self.topology.get("world_size", world)},
-                "components": sorted(self.components),
-                "model_format": "peft_adapter" if _is_peft(_unwrap(self.model)) else "full",
-            }
             self._pause_for_tests("before_manifest")
-            final = storage.commit(tmp, step, meta, durable=self.durable)
+            final = storage.commit(tmp, step, self._meta(metrics, world), durable=self.durable)
             self.prune()
         _barrier()
         return final
+
+    def _meta(self, metrics: dict[str, float] | None, world: int) -> dict[str, Any]:
+        return {
+            "metrics": {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+            "config_hash": self.trainer_config.fingerprint() if self.trainer_config is not None else None,
+            "topology": {**self.topology, "world_size": self.topology.get("world_size", world)},
+            "components": sorted(self.components),
+            "model_format": "peft_adapter" if _is_peft(_unwrap(self.model)) else "full",
+        }
+
+    def write_components(self, path: Path) -> None:
+        """Write every registered component's state and the resolved config into checkpoint ``path``."""
+        if self.components:
+            (path / COMPONENTS_DIR).mkdir(parents=True, exist_ok=True)
+            for name, comp in self.components.items():
+                torch.save(comp.state_dict(), path / component_file(name))
+        self._pause_for_tests("after_state")
+        if self.trainer_config is not None:
+            self.trainer_config.to_yaml(path / "config.yaml")
+
+    def commit(self, path: Path, step: int, metrics: dict[str, float] | None, files: list[str]) -> Path:
+        """Write the manifest of checkpoint ``path`` (already holding ``files``) last: from now on it counts."""
+        self._pause_for_tests("before_manifest")
+        return storage.commit_in_place(path, step, self._meta(metrics, _dist()[1]), files, durable=self.durable)
 
     def _pause_for_tests(self, where: str) -> None:
         # Lets the crash tests kill a process at known points inside a save; unset in real runs.
@@ -232,15 +235,9 @@ class CheckpointManager:
                 torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if self.scaler is not None:
             torch.save(self.scaler.state_dict(), tmp / SCALER_FILE)
-        if self.components:
-            (tmp / "components").mkdir()
-            for name, comp in self.components.items():
-                torch.save(comp.state_dict(), tmp / "components" / f"{name}.pt")
-        self._pause_for_tests("after_state")
+        self.write_components(tmp)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-        if self.trainer_config is not None:
-            self.trainer_config.to_yaml(tmp / "config.yaml")
         for name, obj in extra_json.items():
             text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, sort_keys=True)
             (tmp / name).write_text(text, encoding="utf-8")
@@ -252,7 +249,7 @@ class CheckpointManager:
         found = self.checkpoints()
         keep = select_to_keep(
             {c.step: self._metric_of(c.metrics) for c in found},
-            keep_last=self.config.keep_last,
+            keep_last=len(found) if self.config.keep_last is None else self.config.keep_last,
             keep_best=self.config.keep_best,
             keep_every_n_steps=self.config.keep_every_n_steps,
             greater_is_better=self._greater_is_better(),
@@ -261,9 +258,9 @@ class CheckpointManager:
         removed = []
         for c in found:
             if c.step not in keep:
-                # Manifest first: a half-deleted directory must never look complete.
-                (c.path / storage.MANIFEST_NAME).unlink(missing_ok=True)
-                shutil.rmtree(c.path, ignore_errors=True)
+                # Only what the manifest lists goes: a file hf_optcore did not write survives.
+                if not storage.delete(c.path):
+                    logger.warning("pruned %s but kept the directory: it holds files hf_optcore did not write", c.path)
                 removed.append(c.path)
         return removed
 
@@ -371,7 +368,7 @@ class CheckpointManager:
         """Restore every registered component that the checkpoint holds."""
         path = Path(path)
         for name, comp in self.components.items():
-            file = path / "components" / f"{name}.pt"
+            file = path / component_file(name)
             if not file.is_file():
                 logger.warning("checkpoint %s has no state for %r; it starts fresh", path, name)
                 continue
@@ -380,7 +377,7 @@ class CheckpointManager:
     def rank_state(self, path: Path | str) -> dict[str, Any]:
         """This rank's saved RNG state and extra per-rank entries."""
         rank = _dist()[0]
-        file = Path(path) / "rng" / f"rank{rank}.pt"
+        file = Path(path) / rank_file(rank)
         if not file.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} has no RNG state for rank {rank} ({file.name})")
         return _torch_load(file)

@@ -1,10 +1,18 @@
-"""Atomic checkpoint directories: write beside, fsync, manifest last, rename into place.
+"""Checkpoint directories that count only once their manifest is written, last.
 
-A checkpoint directory ``checkpoint-<step>`` counts only when its ``manifest.json`` is present:
-the manifest is the last file written into a temporary sibling directory, which is then renamed
-into place and the parent directory fsynced. A crash at any point leaves either no
-``checkpoint-<step>`` or a complete one; temporary leftovers are removed at the next start.
-Verification re-reads every file and compares its size and sha256 with the manifest.
+A checkpoint directory ``checkpoint-<step>`` counts only when its ``manifest.json`` is present and
+every file it lists has the recorded size and sha256. Two ways to get there:
+
+- standalone (:class:`CheckpointManager`): everything is written into a temporary sibling
+  directory, fsynced, the manifest written last, then renamed into place (:func:`commit`);
+- under the Trainer, transformers writes ``checkpoint-<step>`` itself (model, optimizer,
+  scheduler, RNG, trainer state, in its own layout and through its own FSDP/DeepSpeed paths);
+  hf_optcore adds its components and then writes the manifest in place (:func:`commit_in_place`),
+  listing exactly the files this save wrote. A crash before that leaves a directory without a
+  manifest, which is never listed, resumed from or deleted wholesale.
+
+Deleting a checkpoint removes the manifest first, then only the files it lists: a file that
+hf_optcore did not write survives (and keeps its directory).
 """
 
 from __future__ import annotations
@@ -84,9 +92,91 @@ def _files_under(root: Path) -> list[str]:
     for dirpath, _, names in os.walk(root):
         for name in names:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel != MANIFEST_NAME:
+            if rel != MANIFEST_NAME and not name.startswith(f".{MANIFEST_NAME}"):
                 out.append(rel.replace(os.sep, "/"))
     return sorted(out)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of every file under ``root`` (empty when it does not exist)."""
+    out = {}
+    if not root.is_dir():
+        return out
+    for rel in _files_under(root):
+        st = (root / rel).stat()
+        out[rel] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def written_since(root: Path, before: dict[str, tuple[int, int]]) -> list[str]:
+    """Files under ``root`` created or rewritten since ``before`` (a :func:`snapshot`)."""
+    return [rel for rel, sig in snapshot(root).items() if before.get(rel) != sig]
+
+
+def invalidate(path: Path, durable: bool = True) -> bool:
+    """Remove ``path``'s manifest so that it no longer counts (before it is rewritten); True if one was there."""
+    mpath = Path(path) / MANIFEST_NAME
+    if not mpath.exists():
+        return False
+    mpath.unlink()
+    if durable:
+        fsync_dir(Path(path))
+    return True
+
+
+def _write_manifest(root: Path, step: int, meta: dict[str, Any], files: list[str], durable: bool) -> None:
+    entries = {}
+    for rel in sorted(set(files)):
+        p = root / rel
+        if durable:
+            fsync_file(p)
+        entries[rel] = {"size": p.stat().st_size, "sha256": sha256_of(p)}
+    manifest = {"schema_version": SCHEMA_VERSION, "step": int(step), "created": time.time(), **meta, "files": entries}
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.flush()
+        if durable:
+            os.fsync(fh.fileno())
+    os.replace(tmp, root / MANIFEST_NAME)
+    if durable:
+        fsync_dir(root)
+
+
+def commit_in_place(path: Path, step: int, meta: dict[str, Any], files: list[str], durable: bool = True) -> Path:
+    """Make ``path`` (already holding every file of the checkpoint) count: fsync ``files``, write the manifest last.
+
+    Args:
+        path: the ``checkpoint-<step>`` directory.
+        step: optimizer step.
+        meta: extra manifest entries (metrics, config hash, topology, ...).
+        files: the files (relative to ``path``) this save wrote; only these are listed, verified and later deleted.
+        durable: fsync files and directories (``False`` only for benchmarks).
+    """
+    path = Path(path)
+    _write_manifest(path, step, meta, files, durable)
+    if durable:
+        fsync_dir(path.parent)
+    return path
+
+
+def delete(path: Path) -> bool:
+    """Delete a checkpoint: manifest first, then the files it lists, then emptied directories.
+
+    Returns True when the directory is gone; False when files hf_optcore did not write keep it.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    listed = list((manifest or {}).get("files", {}))
+    (path / MANIFEST_NAME).unlink(missing_ok=True)  # a half-deleted checkpoint must never look complete
+    for rel in listed:
+        (path / rel).unlink(missing_ok=True)
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda d: -len(d[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass  # not empty: it holds someone else's files
+    return not path.exists()
 
 
 def tmp_dir_for(output_dir: Path, step: int) -> Path:
@@ -112,21 +202,7 @@ def commit(tmp: Path, step: int, meta: dict[str, Any], durable: bool = True) -> 
         meta: extra manifest entries (metrics, config hash, topology, ...).
         durable: fsync files and directories (``False`` only for benchmarks).
     """
-    files = {}
-    for rel in _files_under(tmp):
-        p = tmp / rel
-        if durable:
-            fsync_file(p)
-        files[rel] = {"size": p.stat().st_size, "sha256": sha256_of(p)}
-    manifest = {"schema_version": SCHEMA_VERSION, "step": int(step), "created": time.time(), **meta, "files": files}
-    mpath = tmp / MANIFEST_NAME
-    with open(mpath, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=1, sort_keys=True)
-        fh.flush()
-        if durable:
-            os.fsync(fh.fileno())
-    if durable:
-        fsync_dir(tmp)
+    _write_manifest(tmp, step, meta, _files_under(tmp), durable)
     final = tmp.parent / f"{PREFIX}{step}"
     if final.exists():
         # Re-saving a step (a resumed run reaching it again): move the old one aside first so the
@@ -170,6 +246,21 @@ def list_complete(output_dir: str | os.PathLike) -> list[CheckpointInfo]:
             continue
         out.append(CheckpointInfo(entry, int(manifest["step"]), dict(manifest.get("metrics") or {}), manifest))
     return sorted(out, key=lambda c: c.step)
+
+
+def step_of(path: Path) -> int:
+    """The step in a ``checkpoint-<step>`` directory name (-1 for any other name)."""
+    m = _DIR_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def list_unmanifested(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-<step>`` directories under ``output_dir`` without a readable manifest, by step."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [e for e in root.iterdir() if e.is_dir() and _DIR_RE.match(e.name) and read_manifest(e) is None]
+    return sorted(found, key=step_of)
 
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:

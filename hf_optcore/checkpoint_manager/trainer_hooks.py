@@ -1,10 +1,15 @@
-"""What ``OptCoreTrainer`` delegates to for checkpoints: save, exact resume, faults.
+"""What ``OptCoreTrainer`` adds to transformers' own checkpoints: components, a manifest, retention, exact resume.
 
-The Trainer's overrides stay one-liners; this object holds the run's checkpoint state. It reads
-the trainer's attributes and never imports transformers itself.
+transformers writes ``checkpoint-<step>`` itself (``Trainer._save_checkpoint``: model or adapter,
+optimizer, scheduler, scaler, RNG, trainer state; FSDP/DeepSpeed sharded states, ``save_only_model``,
+``save_on_each_node``), and loads it back itself on resume. This object adds, after transformers'
+save: hf_optcore's components (EMA, sampler position, every rank's collate RNG) under
+``components/``, the resolved ``config.yaml``, then ``manifest.json`` last as the commit point,
+then retention. A plain ``transformers.Trainer`` can resume from such a checkpoint, and
+``OptCoreTrainer`` can resume from a plain transformers checkpoint (its components start fresh).
 
 Exact resume, and why the RNG needs care: Accelerate's dataloader collates one batch ahead, so
-when a checkpoint is written after step k, batch k (the next one to train on) was already
+when a checkpoint is written after step k, batch k+1 (the next one to train on) was already
 collated, drawing from the RNG state of *before* step k's forward pass. Restoring the step-k RNG
 state after the first batch is drawn (what ``transformers.Trainer`` does) therefore diverges for
 collators that draw random numbers. The collate tracker records the RNG state before each
@@ -15,9 +20,6 @@ that state for the pending batch and the step-k state right after it.
 from __future__ import annotations
 
 import collections
-import copy
-import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,15 @@ from typing import Any
 import torch
 
 from hf_optcore.checkpoint_manager import rng as _rng
+from hf_optcore.checkpoint_manager import storage
 from hf_optcore.checkpoint_manager.faults import NonFiniteGuard, PreemptionHandler
-from hf_optcore.checkpoint_manager.manager import CheckpointManager
+from hf_optcore.checkpoint_manager.manager import CheckpointManager, rank_file
+from hf_optcore.distributed import barrier, rank_and_world
 from hf_optcore.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
 
 
 class CollateRNGTracker:
@@ -73,17 +79,23 @@ class TrainerCheckpointing:
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
-        cfg = trainer.optcore_config.checkpoint
-        self.config = cfg
-        self.guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_nonfinite)
-        self.preemption = PreemptionHandler()
-        self.preempted = False
         self.tracker: CollateRNGTracker | None = None
         self.resume_path: Path | None = None
         self._resume_state: dict | None = None
         self._rng_done = True
         self._components_done = True
+        self._first_pull_done = False
+        self._before_save: dict[str, tuple[int, int]] = {}
         self._manager: CheckpointManager | None = None
+        cfg = self.config
+        self.guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_nonfinite)
+        self.preemption = PreemptionHandler()
+        self.preempted = False
+        self._scheduler_backup: tuple[dict, list[float]] | None = None
+
+    @property
+    def config(self):
+        return self.trainer.optcore_config.checkpoint
 
     # ---- the manager, refreshed with the trainer's live objects ---------------------------
 
@@ -91,15 +103,13 @@ class TrainerCheckpointing:
     def manager(self) -> CheckpointManager:
         t, args = self.trainer, self.trainer.args
         if self._manager is None:
-            self._manager = CheckpointManager(
-                self.config, args.output_dir, t.model, tokenizer=t.processing_class,
-                components=t.optcore_state, trainer_config=t.optcore_config,
-                metric_for_best_model=args.metric_for_best_model, greater_is_better=args.greater_is_better,
-            )
+            self._manager = CheckpointManager(self.config, args.output_dir, t.model, components=t.optcore_state)
         m = self._manager
+        m.config, m.output_dir = self.config, Path(args.output_dir)
         m.model, m.optimizer, m.scheduler = t.model, t.optimizer, t.lr_scheduler
-        m.scaler = getattr(t.accelerator, "scaler", None)
         m.components = t.optcore_state
+        m.trainer_config = t.optcore_config
+        m.metric_for_best_model, m.greater_is_better = args.metric_for_best_model, args.greater_is_better
         m.topology = {
             "world_size": args.world_size,
             "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -110,34 +120,54 @@ class TrainerCheckpointing:
     # ---- train() ------------------------------------------------------------------------
 
     def begin_train(self, resume_from_checkpoint: Any) -> str | None:
-        """Resolve the checkpoint to resume from (``auto``, True, a path or None) and set up the run."""
+        """Resolve what to resume from (``auto``/True, a path, or ``checkpoint.resume_from``) to a verified checkpoint.
+
+        A checkpoint written by hf_optcore must be intact (``auto`` walks back past corrupt ones,
+        warning); a plain transformers checkpoint (no manifest) is accepted when named explicitly.
+        """
         arg = None if resume_from_checkpoint is False else resume_from_checkpoint
         if arg is None:
-            arg = self.config.resume_from
+            arg = self.trainer.args.resume_from_checkpoint
         mgr = self.manager
-        path = None
+        path, manifest = None, None
         if arg is True or arg == "auto":
+            self._warn_unmanifested(mgr)
             if mgr.latest() is not None:
                 path, manifest = mgr.resolve("latest")
             elif arg is True:
                 raise CheckpointError(f"resume requested but no complete checkpoint in {str(mgr.output_dir)!r}")
         elif arg:
-            path, manifest = mgr.resolve(arg)
+            path = Path(arg)
+            if storage.read_manifest(path) is not None or not (path / TRAINER_STATE).is_file():
+                path, manifest = mgr.resolve(path)
+            else:
+                logger.warning("resuming from %s, a checkpoint not written by hf_optcore: no integrity check, and "
+                               "hf_optcore's components (EMA, sampler position, collate RNG) start fresh", path)
         self.resume_path = path
         self._resume_state = None
-        if path is not None:
+        self._rng_done = self._components_done = True
+        if manifest is not None:
             mgr.check_topology(manifest, path)
             mgr.protected_steps.add(int(manifest["step"]))
             self._resume_state = mgr.rank_state(path)
             self._rng_done = self._components_done = False
             logger.info("resuming from %s (step %s)", path, manifest["step"])
         self.tracker = None
-        self.preempted = False
         self._first_pull_done = False
+        self.preempted = False
         self.preemption.received = None
         if self.config.save_on_preemption:
             self.preemption.install()
         return str(path) if path is not None else None
+
+    @staticmethod
+    def _warn_unmanifested(mgr: CheckpointManager) -> None:
+        latest = mgr.latest()
+        newest = latest.name if latest is not None else None
+        for path in storage.list_unmanifested(mgr.output_dir):
+            if newest is None or storage.step_of(path) > storage.step_of(Path(newest)):
+                logger.warning("%s has no manifest (an interrupted save, or not written by hf_optcore): it is never "
+                               "resumed from%s", path, f"; resuming from {newest} instead" if newest else "")
 
     def on_train_begin(self, train_dataloader: Any) -> None:
         """Wrap the prepared train dataloader's collator (the skip-loader of a resume copies it)."""
@@ -152,49 +182,51 @@ class TrainerCheckpointing:
         self.preemption.uninstall()
         self.tracker = None
 
-    # ---- save ---------------------------------------------------------------------------
+    # ---- save: around transformers' own _save_checkpoint ---------------------------------
 
-    def save(self, trial: Any = None) -> Path:
-        """Write the Trainer's checkpoint of the current step through the manager."""
+    def checkpoint_dir(self, run_dir: str | Path) -> Path:
+        return Path(run_dir) / f"{storage.PREFIX}{self.trainer.state.global_step}"
+
+    def before_save(self, path: Path) -> None:
+        """Re-saving a step that has a manifest: withdraw it first, so that a crash leaves it incomplete, not stale."""
+        if rank_and_world()[0] == 0:
+            if storage.invalidate(path):
+                logger.info("re-saving %s: its previous manifest is withdrawn until the new save completes", path)
+            elif path.is_dir():
+                logger.warning("%s exists without a manifest (an interrupted save, or not written by hf_optcore); "
+                               "files of the same names are overwritten, any other file is kept", path)
+        self._before_save = storage.snapshot(path)
+        barrier()
+
+    def after_save(self, path: Path) -> Path:
+        """Add hf_optcore's components to transformers' checkpoint at ``path``, then the manifest, then prune."""
         t = self.trainer
-        state = t.state
-        if t.hp_search_backend is None and trial is None:
-            t.store_flos()
-        step = state.global_step
-        metrics: dict[str, float] = {}
-        for entry in state.log_history:
-            if entry.get("step") == step:
-                metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
-        run_dir = Path(t._get_output_dir(trial=trial))
-        if state.best_global_step:
-            best_dir = run_dir / f"checkpoint-{state.best_global_step}"
-            if state.best_global_step == step or best_dir.is_dir():
-                state.best_model_checkpoint = str(best_dir)
-        # What HF's _save_checkpoint records for stateful callbacks, then the state as HF writes it.
-        from transformers.trainer_callback import ExportableState
-
-        for cb in [cb for cb in t.callback_handler.callbacks + [t.control] if isinstance(cb, ExportableState)]:
-            name = cb.__class__.__name__
-            if isinstance(state.stateful_callbacks.get(name), list):
-                state.stateful_callbacks[name].append(cb.state())
-            else:
-                state.stateful_callbacks[name] = cb.state()
-        state_text = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
+        rank, _ = rank_and_world()
+        self.manager._pause_for_tests("after_hf_save")
         pending = self.tracker.pending[0] if self.tracker is not None and self.tracker.pending else None
-        rank_state = {"pending_collate_rng": pending} if pending is not None else {}
+        rank_state = {"rng": _rng.capture(), **({"pending_collate_rng": pending} if pending is not None else {})}
+        path.mkdir(parents=True, exist_ok=True)
         mgr = self.manager
-        mgr.output_dir = run_dir
-        return mgr.save(step, metrics, extra_json={"trainer_state.json": state_text}, rank_state=rank_state)
+        (path / rank_file(rank)).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(rank_state, path / rank_file(rank))
+        barrier()
+        if rank == 0:
+            mgr.write_components(path)
+            metrics = {}
+            for entry in t.state.log_history:
+                if entry.get("step") == t.state.global_step:
+                    metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+            written = storage.written_since(path, self._before_save)
+            mgr.commit(path, t.state.global_step, metrics, written)
+            mgr.prune()
+        barrier()
+        return path
 
     # ---- resume -------------------------------------------------------------------------
 
-    def load_model(self, path: str) -> None:
-        self.manager.load_model(path)
-
-    def load_optimizer_and_scheduler(self, path: str) -> None:
-        mgr = self.manager
-        mgr.load_training_state(path)
-        self.guard.wrap(self.trainer.optimizer)
+    def owns_rng(self, checkpoint: Any) -> bool:
+        """True when the RNG of ``checkpoint`` is restored here (a checkpoint with hf_optcore's components)."""
+        return self._resume_state is not None and checkpoint is not None and Path(checkpoint) == self.resume_path
 
     def _restore_components(self) -> None:
         if self._components_done or self.resume_path is None:
@@ -210,15 +242,13 @@ class TrainerCheckpointing:
             if isinstance(sd, dict) and "consumed" in sd:
                 sampler.load_state_dict({**sd, "consumed": 0})
 
-    def load_rng_at_epoch_start(self, path: str) -> None:
-        """HF's hook before the resumed epoch's iterator: restore here only at an epoch boundary."""
+    def load_rng_at_epoch_start(self) -> None:
+        """transformers' hook before the resumed epoch's iterator: restore here only at an epoch boundary."""
         self._restore_components()
         if self._rng_done or self._resume_state is None or self._first_pull_done:
-            return  # mid-epoch: handled around the first pull (see get_batch_samples)
+            return  # mid-epoch: handled around the first pull (see before_pull)
         self._rng_done = True
         _rng.restore(self._resume_state["rng"])
-
-    _first_pull_done = False
 
     def before_pull(self) -> None:
         self._restore_components()
@@ -239,29 +269,45 @@ class TrainerCheckpointing:
             self.tracker.active = False
             self.tracker.consumed(n)
 
-    # ---- faults ---------------------------------------------------------------------------
 
-    def observe_loss(self, loss: Any) -> None:
-        self.guard.observe_loss(loss)
+    # ---- faults and cadence (called by CheckpointCallback) --------------------------------
 
-    def check_grad_norm(self, grad_norm: Any) -> None:
-        self.guard.wrap(self.trainer.optimizer)
-        if self.guard.check(grad_norm, self.trainer.state.global_step):
-            ema = self.trainer.optcore_state.get("ema")
-            # The EMA callback updates at every step end; a skipped step must leave it as it was.
-            self._ema_backup = copy.deepcopy(ema.state_dict()) if ema is not None else None
+    def _trained(self) -> list[torch.Tensor]:
+        opt = self.trainer.optimizer
+        return [p for g in opt.param_groups for p in g["params"]] if opt is not None else []
 
-    _ema_backup = None
+    def before_optimizer_step(self) -> None:
+        """A step with a non-finite loss or gradient is skipped: its gradients are dropped (so the optimizer
+        leaves parameters and moments alone) and the scheduler is put back after transformers steps it."""
+        t = self.trainer
+        if getattr(t.accelerator, "scaler", None) is not None:
+            return  # fp16: the gradient scaler skips overflowing steps itself
+        params = self._trained()
+        if self.guard.should_skip([p.grad for p in params if p.grad is not None], t.state.global_step):
+            for p in params:
+                p.grad = None
+            sched = t.lr_scheduler
+            if sched is not None and hasattr(sched, "state_dict"):
+                self._scheduler_backup = (sched.state_dict(), [g["lr"] for g in t.optimizer.param_groups])
+
+    def after_optimizer_step(self) -> None:
+        """Stop before anything is saved when the update left non-finite weights."""
+        if not self.guard.last_step_skipped:
+            self.guard.check_weights([p for p in self._trained() if p.requires_grad], self.trainer.state.global_step)
 
     def on_step_end(self, control: Any) -> None:
-        """Preemption: save now and stop; with ``every_n_steps=0``, save at the final step."""
+        """Undo the scheduler step of a skipped step; on a signal save now and stop; save at the end when asked."""
         t = self.trainer
-        if self._ema_backup is not None:
-            t.optcore_state["ema"].load_state_dict(self._ema_backup)
-            self._ema_backup = None
+        if self._scheduler_backup is not None:
+            state, lrs = self._scheduler_backup
+            t.lr_scheduler.load_state_dict(state)
+            for group, lr in zip(t.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self._scheduler_backup = None
         if self.config.save_on_preemption and self.preemption.requested():
             self.preempted = True
             control.should_save = True
             control.should_training_stop = True
-        elif self.config.every_n_steps == 0 and t.state.max_steps and t.state.global_step >= t.state.max_steps:
+        elif (self.config.every_n_steps == 0 and self.config.save_at_end and t.state.max_steps
+              and t.state.global_step >= t.state.max_steps and t.args.save_strategy == "no"):
             control.should_save = True

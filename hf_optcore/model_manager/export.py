@@ -9,12 +9,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from hf_optcore.wrapping import is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -23,15 +24,6 @@ __all__ = ["VARIANTS", "is_peft_model", "push_folder_to_hub", "save_model_varian
 VARIANTS = ("adapter", "merged", "ema")
 _TEXT_SUFFIXES = {".json", ".md", ".yaml", ".yml", ".txt", ".jinja", ".cfg"}
 _SECRET_KEYS = ("token", "password", "secret", "api_key")
-
-
-def is_peft_model(model: Any) -> bool:
-    """True for a peft ``PeftModel`` (a model with adapters that can be saved alone or merged)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _check_variant(variant: str) -> None:
@@ -170,6 +162,3 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
     Path(fh.name).replace(path)
 
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))

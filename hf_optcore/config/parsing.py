@@ -1,0 +1,186 @@
+"""Reading raw config values: YAML files, dotted overrides, and typed coercion into the sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from hf_optcore.config.sections import NESTED, ConfigError
+from hf_optcore.errors import did_you_mean
+
+__all__ = ["as_dict", "build_section", "deep_merge", "load_yaml", "parse_overrides", "type_name"]
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return ``(ok, value)`` with ``value`` converted to ``tp`` where that is lossless."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return (value in typing.get_args(tp)), value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        out = []
+        for item in value:
+            ok, v = _coerce(item, item_tp)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def build_section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from ``raw``; append every problem found to ``problems``."""
+    if raw is None:
+        raw = {}
+    if dataclasses.is_dataclass(raw):
+        raw = as_dict(raw)
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a mapping of keys to values, got {type(raw).__name__} {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            problems.append(f"{where}: unknown key{did_you_mean(key, names)}; valid keys: {', '.join(names)}")
+            continue
+        nested = NESTED.get((cls, key))
+        if nested is not None:
+            kwargs[key] = build_section(nested, value, where, problems)
+            continue
+        ok, coerced = _coerce(value, hints[key])
+        if not ok:
+            problems.append(f"{where}: expected {type_name(hints[key])}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def as_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [as_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["training.learning_rate=1e-4", "model.lora.r=8"]`` into a nested dict.
+
+    Values are parsed as YAML scalars (``true``, ``8``, ``[q_proj, v_proj]``); a malformed item
+    raises :class:`ConfigError` naming it.
+    """
+    out: dict = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as exc:
+            problems.append(f"override {key}: cannot parse value {text!r}: {exc}")
+            continue
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {key}: {part} is both a value and a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or malformed YAML is a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} not found"])
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x}); "
+                           f"save it as UTF-8"]) from None
+    except OSError as exc:
+        raise ConfigError([f"config file {str(p)!r} cannot be read: {exc.strerror or exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"config file {str(p)!r}: malformed YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config file {str(p)!r}: expected a mapping of sections, got {type(raw).__name__}"])
+    return raw

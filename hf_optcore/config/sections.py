@@ -1,0 +1,243 @@
+"""The six section dataclasses of :class:`~hf_optcore.config.TrainerConfig` (plus ``model.lora``).
+
+Every field carries its help text (``metadata["help"]``, rendered into the README's config
+reference). A field that is a :class:`transformers.TrainingArguments` field under another name
+says so in ``metadata["hf"]`` (``training.optimizer`` is ``optim``); a field whose name *is* a
+TrainingArguments field maps to it as is. Everything else becomes a flat extension field of
+:class:`~hf_optcore.config.training_args.OptCoreTrainingArguments`. These definitions are the only
+map between the nested YAML view and the arguments the Trainer holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EMAConfig",
+    "HardwareConfig",
+    "LoRAConfig",
+    "ModelConfig",
+    "SECTIONS",
+    "TrainingConfig",
+]
+
+
+class ConfigError(ValueError):
+    """All problems found in a configuration, one per line, each with its dotted path."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in the configuration:"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", hf: str | None = None, **kw) -> Any:  # noqa: A002
+    """A config field with its help text; ``hf`` names its TrainingArguments field when the name differs."""
+    metadata = {"help": help, **({"hf": hf} if hf else {})}
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters through peft (``model.lora``)."""
+
+    enabled: bool = _f(True, "Train LoRA adapters instead of all weights.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: Union[str, list[str]] = _f(
+        "auto",
+        "'auto' (attention and MLP linears of the decoder stack, chosen per architecture), "
+        "'all-linear', or an explicit list of module names.",
+    )
+    modules_to_save: list[str] = _f([], "Modules trained in full and saved beside the adapter (e.g. lm_head).")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha / sqrt(r).")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases are trained.")
+    load_in_4bit: bool = _f(False, "QLoRA: load the base model in 4-bit through bitsandbytes (needs CUDA).")
+
+
+@dataclass
+class ModelConfig:
+    """What model and tokenizer to load, and how (``model``)."""
+
+    name_or_path: str = _f(
+        "bundled:smollm2-135m-instruct",
+        "Hub id, local folder, GGUF file, 'bundled:smollm2-135m-instruct' (offline demo model) "
+        "or 'tiny:<arch>' (a tiny model built from config, for tests and smoke runs).",
+    )
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to pin.")
+    tokenizer_name_or_path: Optional[str] = _f(None, "Tokenizer source when it differs from the model.")
+    gguf_file: Optional[str] = _f(None, "GGUF file name inside name_or_path (dequantized into trainable weights).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", "Weight dtype at load time.")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = _f(
+        "sdpa", "Attention kernel."
+    )
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub to run.")
+    cache_dir: Optional[str] = _f(None, "Where converted models (GGUF -> safetensors) are cached.")
+    gradient_checkpointing: bool = _f(False, "Activation checkpointing (non-reentrant; works with LoRA).",
+                                      hf="activation_checkpointing")
+    chat_template: Optional[str] = _f(None, "Jinja chat template overriding the tokenizer's.")
+    lora: LoRAConfig = _f(None, "LoRA settings.")
+
+    def __post_init__(self):
+        if self.lora is None:
+            self.lora = LoRAConfig()
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and loop settings (``training``)."""
+
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    per_device_train_batch_size: int = _f(8, "Examples per device per micro-batch (fixed-size batching).")
+    per_device_eval_batch_size: int = _f(8, "Examples per device per evaluation batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    num_train_epochs: float = _f(1.0, "Epochs to train when max_steps <= 0.")
+    max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    optimizer: str = _f("adamw", "Optimizer registry name (see `hf-optcore list-optimizers`).", hf="optim")
+    optimizer_kwargs: dict = _f({}, "Extra keyword arguments for the optimizer.")
+    scheduler: str = _f("cosine", "Learning-rate scheduler registry name.", hf="lr_scheduler_type")
+    scheduler_kwargs: dict = _f({}, "Extra keyword arguments for the scheduler.", hf="lr_scheduler_kwargs")
+    warmup_steps: float = _f(0.0, "Warmup as steps (>= 1) or as a ratio of total steps (in [0, 1)).")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (not applied to biases, norms, embeddings).")
+    no_decay_patterns: list[str] = _f(
+        ["bias", "norm", "embed"], "Parameter-name substrings that get no weight decay."
+    )
+    lr_multipliers: dict = _f({}, "{name pattern: multiplier} per-module learning-rate multipliers.")
+    lora_plus_ratio: Optional[float] = _f(None, "LoRA+: lora_B learning rate = ratio x learning_rate.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    label_smoothing_factor: float = _f(0.0, "Label smoothing in [0, 1).")
+    seed: int = _f(42, "Seed for model init, dropout and data order.")
+    data_seed: Optional[int] = _f(None, "Separate seed for the data order (defaults to seed).")
+    logging_steps: float = _f(10, "Log every N optimizer steps.")
+    eval_strategy: Literal["no", "steps", "epoch"] = _f("no", "When to evaluate during training.")
+    eval_steps: Optional[float] = _f(None, "Optimizer steps between evaluations (eval_strategy=steps).")
+    eval_on_start: bool = _f(False, "Evaluate once before the first step.")
+    load_best_model_at_end: bool = _f(False, "Reload the best checkpoint when training ends.")
+    metric_for_best_model: Optional[str] = _f(None, "Metric that ranks checkpoints (e.g. eval_loss, eval_ema_loss).")
+    greater_is_better: Optional[bool] = _f(None, "Whether a larger metric is better (default: not for *loss*).")
+    eval_metrics: list[str] = _f(
+        [], "Extra `evaluate` metrics on next-token predictions, by name or local script path (names need network once)."
+    )
+    report_to: Union[str, list[str]] = _f("none", "Trackers: none, tensorboard, trackio, ...")
+    run_name: Optional[str] = _f(None, "Name of the run in trackers and reports.")
+    push_to_hub: bool = _f(False, "Push the final model to the Hub.")
+    hub_model_id: Optional[str] = _f(None, "Hub repository id for push_to_hub.")
+    push_variant: Literal["adapter", "merged", "ema"] = _f(
+        "adapter", "What the recipe pushes: the LoRA adapter, the merged model, or the EMA weights.")
+    extra_args: dict = _f(
+        {}, "Any other transformers.TrainingArguments field by its own name (e.g. {save_only_model: true}); "
+            "passed through to the Trainer's arguments.")
+
+
+@dataclass
+class HardwareConfig:
+    """Devices, precision, kernels and dataloader workers (``hardware``)."""
+
+    use_cpu: bool = _f(False, "Force CPU (also what makes multi-process CPU runs form a gloo group).")
+    bf16: bool = _f(False, "bfloat16 mixed precision.")
+    fp16: bool = _f(False, "float16 mixed precision with a gradient scaler (GPU only).")
+    tf32: Optional[bool] = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
+    fused_optimizer: Literal["auto", "fused", "foreach", "for-loop"] = _f(
+        "auto", "Optimizer kernel; auto: fused where the optimizer has one (GPU and CPU), else foreach."
+    )
+    torch_compile: bool = _f(False, "Compile the model with torch.compile.")
+    torch_compile_mode: Optional[str] = _f(None, "torch.compile mode (default, reduce-overhead, max-autotune).")
+    use_liger_kernel: bool = _f(False, "Use Liger kernels when installed.")
+    dataloader_num_workers: int = _f(0, "Dataloader worker processes.")
+    dataloader_pin_memory: bool = _f(True, "Pin host memory for faster host-to-device copies.")
+    dataloader_persistent_workers: bool = _f(False, "Keep workers alive between epochs.")
+    dataloader_prefetch_factor: Optional[int] = _f(None, "Batches prefetched per worker.")
+    ddp_backend: Optional[str] = _f(None, "Process-group backend (nccl, gloo, ...); Accelerate picks when unset.")
+    ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP find_unused_parameters.")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is batched (``data``)."""
+
+    train_path: Optional[str] = _f(None, "Training data: JSON/JSONL/CSV/Parquet/text file, or 'hub:<dataset id>'.")
+    eval_path: Optional[str] = _f(None, "Evaluation data (same forms); else eval_split_ratio of train is held out.")
+    format: Literal["auto", "text", "instruction", "chat"] = _f("auto", "Example format; auto detects from columns.")
+    text_field: str = _f("text", "Column holding plain text (format=text).")
+    instruction_field: str = _f("instruction", "Instruction column (format=instruction).")
+    input_field: str = _f("input", "Optional input column (format=instruction).")
+    response_field: str = _f("response", "Response column (format=instruction).")
+    messages_field: str = _f("messages", "Messages column (format=chat).")
+    completion_only_loss: bool = _f(True, "Mask prompt tokens (-100) so loss is on completions only.")
+    max_seq_len: int = _f(1024, "Maximum tokens per example.")
+    truncation: Literal["truncate", "drop"] = _f("truncate", "What to do with longer examples.")
+    batching: Literal["random", "bucket", "token_budget", "multipack", "hf"] = _f(
+        "random", "Batching strategy; 'hf' leaves batching to transformers (TrainingArguments.train_sampling_strategy).")
+    max_tokens_per_batch: Optional[int] = _f(None, "Padded-token budget per batch (token_budget).")
+    pad_to_multiple_of: Optional[int] = _f(None, "Pad batch lengths to a multiple of this (bounds compiled shapes).")
+    padding_side: Literal["right", "left"] = _f("right", "Side on which batches are padded.")
+    eval_split_ratio: float = _f(0.05, "Fraction of train held out for eval when eval_path is unset.")
+    max_train_samples: Optional[int] = _f(None, "Use only the first N training examples.")
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N eval examples.")
+    hub_config_name: Optional[str] = _f(None, "Configuration name of a 'hub:' dataset.")
+    hub_train_split: str = _f("train", "Split of a 'hub:' train_path to train on.")
+    hub_eval_split: Optional[str] = _f(None, "Split of a 'hub:' eval_path (default: hub_train_split's held-out part).")
+    bucket_size_multiplier: int = _f(64, "bucket: batches per length-sorted mega-batch (more: less padding, less mixing).")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint cadence, retention, resume and fault handling (``checkpoint``)."""
+
+    every_n_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: none during training).", hf="save_steps")
+    save_at_end: bool = _f(True, "With every_n_steps=0, still save one checkpoint at the last step.")
+    keep_last: Optional[int] = _f(2, "Keep the newest K checkpoints (by step); null keeps all.")
+    keep_best: int = _f(1, "Also keep the top-k checkpoints by metric_for_best_model.")
+    keep_every_n_steps: Optional[int] = _f(None, "Milestones: never prune checkpoints at multiples of N.")
+    resume_from: Optional[str] = _f(None, "'auto' (latest complete checkpoint, else a fresh start) or a path.",
+                                    hf="resume_from_checkpoint")
+    allow_topology_change: bool = _f(False, "Allow resuming with another world size / batch size / accumulation.")
+    on_nonfinite: Literal["skip", "stop"] = _f("skip", "A non-finite loss or grad norm: skip the step or stop.")
+    max_consecutive_nonfinite: int = _f(5, "Stop after this many consecutive non-finite steps.")
+    save_on_preemption: bool = _f(True, "On SIGTERM/SIGUSR1 finish the step, save and exit 0.")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trainable weights (``ema``)."""
+
+    enabled: bool = _f(False, "Keep an EMA of the trainable weights.")
+    decay: float = _f(0.999, "EMA decay in (0, 1) (the cap when warmup is on).")
+    warmup: bool = _f(False, "timm-style warmup: decay = 1 - (1 + step/gamma)^-power, capped by decay.")
+    warmup_gamma: float = _f(1.0, "Warmup gamma.")
+    warmup_power: float = _f(0.75, "Warmup power.")
+    half_life_steps: Optional[float] = _f(None, "Set decay from a half-life in optimizer steps instead.")
+    update_every: int = _f(1, "Update every N optimizer steps.")
+    start_step: int = _f(0, "First optimizer step that updates the EMA (copies weights before).")
+    include_buffers: bool = _f(False, "Also average floating-point buffers.")
+    offload_to_cpu: bool = _f(False, "Keep shadows on CPU.")
+    evaluate: bool = _f(True, "Report EMA metrics beside the live ones at every evaluation.")
+    use_for_final_model: bool = _f(False, "Make the EMA weights the final saved (and pushed) model.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "hardware": HardwareConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "ema": EMAConfig,
+}
+"""YAML section name -> dataclass."""
+
+NESTED: dict[tuple[type, str], type] = {(ModelConfig, "lora"): LoRAConfig}
+"""(section, field) -> dataclass of a nested section."""
