@@ -33,7 +33,14 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     """Return ``(ok, value)`` with ``value`` converted to ``tp`` where that is lossless."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return (value in typing.get_args(tp)), value
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads a bare no/off (yes/on) as a boolean: give the choice it was spelled as.
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in (("no", "off", "false") if not value
+                                                                                     else ("yes", "on", "true"))]
+            if len(spelled) == 1:
+                return True, spelled[0]
+        return (value in choices), value
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             ok, v = _coerce(value, arg)

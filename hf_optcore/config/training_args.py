@@ -44,7 +44,7 @@ _SPECIAL = {"checkpoint.every_n_steps", "model.gradient_checkpointing", "trainin
 _NOT_COPIED = {"hub_token", "gradient_checkpointing", "gradient_checkpointing_kwargs", "local_rank", "output_dir"}
 _SECRET_SUFFIX = "_token"
 # Read into checkpoint.* by their own conversion (every_n_steps / keep_last).
-_CONVERTED = {"save_strategy", "save_steps", "save_total_limit"}
+_CONVERTED = {"save_strategy", "save_steps", "save_total_limit", "activation_checkpointing"}
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,8 @@ def config_to_args(config: Any, **extra: Any) -> Any:
 
 
 _FAITHFUL = {"data.batching": "hf", "checkpoint.save_at_end": False, "checkpoint.keep_last": None,
-             "checkpoint.keep_best": 0}
+             "checkpoint.keep_best": 0, "checkpoint.own_output_dir": False, "checkpoint.overwrite": True,
+             "checkpoint.allow_topology_change": True}
 
 
 def _faithful_defaults(args: Any) -> dict[str, Any]:
@@ -345,6 +346,8 @@ def args_to_config(args: Any, overrides: list[str] | None = None, validate: bool
                 extra[name] = value
         elif name == "activation_checkpointing_kwargs" and value in (None, {"use_reentrant": False}):
             continue
+        elif name == "do_eval" and value and _plain(args.eval_strategy) != "no":
+            continue  # transformers derives it from eval_strategy
         elif not _is_hf_default(name, value):
             extra[name] = copy.deepcopy(value)
     if strategy not in ("steps", "no"):

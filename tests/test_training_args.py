@@ -1,0 +1,156 @@
+"""trainer.args is the single source of truth: OptCoreTrainingArguments <-> TrainerConfig, conflicts, trackers."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_optcore.config import ConfigError, OptCoreTrainingArguments, TrainerConfig
+from hf_optcore.config.training_args import field_links
+from hf_optcore.tiny import build_tiny_model, build_tiny_tokenizer
+from hf_optcore.trainer import OptCoreTrainer
+
+NON_DEFAULT = {
+    "output_dir": "somewhere",
+    "model": {"name_or_path": "tiny:gpt2", "gradient_checkpointing": True,
+              "lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}},
+    "training": {"learning_rate": 1e-4, "optimizer": "lion", "scheduler": "wsd", "scheduler_kwargs": {"decay_ratio": 0.2},
+                 "lr_multipliers": {"lm_head": 0.5}, "warmup_steps": 0.1, "eval_strategy": "steps", "eval_steps": 5,
+                 "report_to": ["tensorboard"], "extra_args": {"save_only_model": True, "logging_first_step": True}},
+    "hardware": {"use_cpu": True, "fused_optimizer": "foreach", "dataloader_pin_memory": False},
+    "data": {"batching": "multipack", "max_seq_len": 256},
+    "checkpoint": {"every_n_steps": 10, "keep_last": 3, "keep_best": 2},
+    "ema": {"enabled": True, "decay": 0.99, "warmup": True},
+}
+
+
+def test_every_config_field_has_one_place_in_the_arguments():
+    links = field_links()
+    assert len({link.arg for link in links}) == len(links)  # no two fields share an argument
+    names = {f for f in OptCoreTrainingArguments.__dataclass_fields__}
+    assert all(link.arg in names or link.path in ("checkpoint.every_n_steps", "model.gradient_checkpointing",
+                                                   "training.extra_args") for link in links)
+    by_path = {link.path: link for link in links}
+    assert by_path["training.optimizer"].arg == "optim" and by_path["training.scheduler"].arg == "lr_scheduler_type"
+    assert by_path["training.learning_rate"].hf and not by_path["ema.decay"].hf
+    assert by_path["ema.decay"].arg == "ema_decay" and by_path["model.lora.r"].arg == "lora_r"
+
+
+@pytest.mark.parametrize("raw", [{}, NON_DEFAULT], ids=["defaults", "non-defaults"])
+def test_config_to_arguments_and_back_is_lossless(raw):
+    cfg = TrainerConfig.from_dict(raw)
+    args = cfg.to_training_arguments()
+    assert isinstance(args, TrainingArguments)
+    assert TrainerConfig.from_training_arguments(args) == cfg
+    # ... and the arguments hold the values that run, under transformers' names
+    assert args.optim == cfg.training.optimizer and args.lr_scheduler_type == cfg.training.scheduler
+    assert args.learning_rate == cfg.training.learning_rate and args.data_batching == cfg.data.batching
+    if raw:
+        assert args.save_strategy == "steps" and args.save_steps == 10 and args.save_only_model is True
+        assert args.activation_checkpointing is True and args.lora_r == 4 and args.ema_enabled is True
+
+
+def test_plain_arguments_convert_with_hf_faithful_extensions_and_overrides():
+    args = TrainingArguments(output_dir="x", learning_rate=1e-5, weight_decay=0.3, lr_scheduler_type="linear",
+                             save_total_limit=3, save_steps=7, logging_first_step=True, report_to="none")
+    cfg = TrainerConfig.from_training_arguments(args, ["ema.enabled=true", "data.batching=bucket"])
+    assert (cfg.training.learning_rate, cfg.training.weight_decay, cfg.training.scheduler) == (1e-5, 0.3, "linear")
+    assert cfg.training.optimizer == "adamw_torch_fused"  # transformers' default, not hf_optcore's
+    assert cfg.checkpoint.every_n_steps == 7 and cfg.checkpoint.keep_last == 3
+    assert cfg.training.extra_args == {"logging_first_step": True, "remove_unused_columns": True}
+    assert cfg.ema.enabled and cfg.data.batching == "bucket"
+    assert TrainerConfig.from_training_arguments(args).data.batching == "hf"  # without overrides: transformers' own
+    again = cfg.to_training_arguments()
+    assert again.save_total_limit is None and again.checkpoint_keep_last == 3  # retention is hf_optcore's
+    assert again.logging_first_step is True and again.remove_unused_columns is True
+
+
+def test_hf_argument_parser_takes_every_extension_as_a_flat_flag():
+    (args,) = HfArgumentParser(OptCoreTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", "out", "--optim", "lion", "--lr_scheduler_type", "wsd", "--learning_rate", "3e-4",
+        "--ema_enabled", "true", "--ema_decay", "0.99", "--data_batching", "bucket", "--lora_r", "8",
+        "--lr_multipliers", '{"lm_head": 0.1}', "--lora_target_modules", "auto", "--checkpoint_keep_last", "4"])
+    cfg = args.to_optcore_config()
+    assert (cfg.training.optimizer, cfg.training.scheduler, cfg.training.learning_rate) == ("lion", "wsd", 3e-4)
+    assert cfg.ema.enabled and cfg.ema.decay == 0.99 and cfg.data.batching == "bucket"
+    assert cfg.model.lora.r == 8 and cfg.model.lora.target_modules == "auto"
+    assert cfg.training.lr_multipliers == {"lm_head": 0.1} and cfg.checkpoint.keep_last == 4
+
+
+def test_bad_extension_values_fail_at_construction_naming_the_field():
+    with pytest.raises(ConfigError, match=r"optim: unknown optimizer 'lian' \(did you mean 'lion'\?\)"):
+        OptCoreTrainingArguments(output_dir="x", optim="lian")
+    with pytest.raises(ConfigError, match=r"ema.decay: must be in \(0, 1\), got 1.5"):
+        OptCoreTrainingArguments(output_dir="x", ema_enabled=True, ema_decay=1.5)
+
+
+def _tiny_trainer(tmp_path, args, **kw):
+    return OptCoreTrainer(model=build_tiny_model("llama", seed=0), args=args,
+                          processing_class=build_tiny_tokenizer(), **kw)
+
+
+def test_users_training_arguments_win_where_the_config_holds_its_defaults(tmp_path):
+    """The issue's case: TrainingArguments(lr=1e-5, weight_decay=0.3, linear) beside a TrainerConfig whose own
+    defaults are 2e-4 / 0 / cosine: the user's values are what runs and what trainer.args says."""
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-5, weight_decay=0.3,
+                             lr_scheduler_type="linear", use_cpu=True, report_to="none", max_steps=4)
+    trainer = _tiny_trainer(tmp_path, args, optcore_config=TrainerConfig.from_dict({"ema": {"enabled": True}}))
+    assert (trainer.args.learning_rate, trainer.args.weight_decay, trainer.args.lr_scheduler_type) == (
+        1e-5, 0.3, "linear")
+    assert trainer.args.ema_enabled is True
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.3, 0.0}
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+    assert type(trainer.lr_scheduler).__name__ == "LambdaLR"
+    trainer.lr_scheduler.step()
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-5 * 3 / 4)  # linear decay over 4 steps
+
+
+def test_a_field_both_set_differently_is_one_error_naming_every_conflict(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-5, weight_decay=0.3, use_cpu=True)
+    cfg = TrainerConfig.from_dict({"training": {"learning_rate": 1e-3, "weight_decay": 0.1, "seed": 3}})
+    with pytest.raises(ConfigError) as err:
+        _tiny_trainer(tmp_path, args, optcore_config=cfg)
+    problems = err.value.problems
+    assert len(problems) == 2
+    assert "training.learning_rate: the TrainingArguments say 1e-05, the TrainerConfig says 0.001" in problems[0]
+    assert "training.weight_decay" in problems[1]
+    # A value only the config sets (seed, left at its default in args) is taken without a conflict.
+    ok = _tiny_trainer(tmp_path, TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
+                       optcore_config=TrainerConfig.from_dict({"training": {"seed": 3}}))
+    assert ok.args.seed == 3
+
+
+def test_trackers_receive_what_ran(tmp_path):
+    cfg = TrainerConfig.from_dict({"output_dir": str(tmp_path), "hardware": {"use_cpu": True},
+                                   "training": {"optimizer": "lion", "scheduler": "cosine_min_lr",
+                                                "learning_rate": 3e-4},
+                                   "data": {"batching": "bucket"}})
+    trainer = _tiny_trainer(tmp_path, cfg)
+    logged = trainer.args.to_sanitized_dict()  # what the tensorboard / trackio / W&B integrations record
+    assert logged["optim"] == "lion" and logged["lr_scheduler_type"] == "cosine_min_lr"
+    assert logged["learning_rate"] == 3e-4 and logged["data_batching"] == "bucket"
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    assert type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+                ).__name__ == "Lion"
+
+
+def test_no_token_in_pickles_of_the_arguments(tmp_path):
+    args = TrainerConfig.from_dict({"output_dir": str(tmp_path)}).to_training_arguments(hub_token="hf_SECRETsecret1")
+    blob = pickle.dumps(args)
+    assert b"SECRETsecret1" not in blob and pickle.loads(blob).hub_token is None
+    torch.save(args, tmp_path / "training_args.bin")  # what transformers' save_model writes
+    assert b"SECRETsecret1" not in (tmp_path / "training_args.bin").read_bytes()
+    import copy
+
+    assert copy.deepcopy(args).hub_token == "hf_SECRETsecret1"  # in-process copies keep it for the push
+
+
+def test_plain_args_merged_keep_the_token_in_process(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), hub_token="hf_SECRETsecret2", use_cpu=True)
+    trainer = _tiny_trainer(tmp_path, args, optcore_config=TrainerConfig.from_dict({"ema": {"enabled": True}}))
+    assert trainer.args.hub_token == "hf_SECRETsecret2"
+    assert "SECRETsecret2" not in trainer.optcore_config.to_yaml()
