@@ -33,6 +33,7 @@ from hf_optcore.model_manager.loading import (
     default_cache_root,
     resolve_source,
 )
+from hf_optcore.model_manager.lora_fused import fuse_lora_layers
 from hf_optcore.model_manager.lora_targeting import LoRATargetError, LoRATargetReport, resolve_lora_targets
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,17 @@ class ModelManager:
         hardware_config: the ``hardware`` section (``use_cpu``, ``use_liger_kernel``, ``torch_compile*``).
         training_config: the ``training`` section (``seed`` initialises ``tiny:`` models).
         device: where to put the model (default: leave it where it loads; the Trainer places it).
+        fuse_lora: give peft's LoRA linear layers hf_optcore's fused forward (same results, fewer
+            allocations; see :mod:`.lora_fused`); False keeps peft's forward.
 
     Call :meth:`load_tokenizer` before :meth:`load_model`: a pad token the tokenizer lacked and
     had to add is what makes :meth:`load_model` resize the embeddings.
     """
 
     def __init__(self, model_config: ModelConfig, hardware_config: HardwareConfig | None = None,
-                 training_config: TrainingConfig | None = None, device: Any = None):
+                 training_config: TrainingConfig | None = None, device: Any = None, fuse_lora: bool = True):
         self.config = model_config
+        self.fuse_lora = fuse_lora
         self.hardware = hardware_config or HardwareConfig()
         self.training = training_config or TrainingConfig()
         self.device = torch.device(device) if device is not None else None
@@ -209,15 +213,18 @@ class ModelManager:
             self.resize_embeddings(model, len(self.tokenizer))
         if self.device is not None and not self.config.lora.load_in_4bit:
             model.to(self.device)
-        if self.config.gradient_checkpointing:
-            # Non-reentrant: the reentrant variant drops gradients of LoRA weights when inputs are frozen.
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
         if self.config.lora.enabled:
             model = self.apply_lora(model)
-            if self.config.gradient_checkpointing:
-                # Frozen embeddings give checkpointed blocks inputs without grad; LoRA needs them.
-                model.enable_input_require_grads()
+        if self.config.gradient_checkpointing:
+            base = model.get_base_model() if self.config.lora.enabled else model
+            # Non-reentrant: the reentrant variant drops gradients of LoRA weights when inputs are frozen.
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+            if self.config.lora.enabled:
+                # transformers just hooked the embeddings to make their output require grad, which only the
+                # reentrant variant needs with frozen embeddings; here it would only add the backward of the
+                # first block's input. (Enabled after peft wraps the model, so peft adds no second hook.)
+                base.disable_input_require_grads()
         return model
 
     @staticmethod
@@ -279,7 +286,9 @@ class ModelManager:
         except (ValueError, TypeError, NotImplementedError) as exc:
             raise LoRATargetError(f"model.lora: peft cannot apply these settings to {type(model).__name__}: {exc}") from exc
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info("LoRA applied: %s trainable parameters of %s", f"{trainable:,}", f"{report.total_params:,}")
+        fused = fuse_lora_layers(model) if self.fuse_lora else 0
+        logger.info("LoRA applied: %s trainable parameters of %s; %d layers with the fused LoRA forward",
+                    f"{trainable:,}", f"{report.total_params:,}", fused)
         return model
 
     def compile_model(self, model):
