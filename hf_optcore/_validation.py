@@ -91,6 +91,12 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
              f"training.metric_for_best_model: {t.metric_for_best_model!r} needs ema.enabled and ema.evaluate")
     if t.push_to_hub:
         need(bool(t.hub_model_id), "training.hub_model_id: required when training.push_to_hub is true")
+    if t.push_variant == "ema":
+        need(e.enabled, "training.push_variant: 'ema' pushes the EMA weights, which needs ema.enabled=true")
+    for key in t.extra_args:
+        need(not str(key).endswith("_token"),
+             f"training.extra_args.{key}: a secret does not belong in a config (it would be written to config.yaml "
+             f"and checkpoints); use the HF_TOKEN environment variable or `hf auth login`")
 
     try:
         from hf_optcore import optim

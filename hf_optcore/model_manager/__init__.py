@@ -328,7 +328,8 @@ class ModelManager:
         return out / "README.md"
 
     def push_to_hub(self, output_dir_or_model, repo_id: str, variant: str = "adapter", token: str | None = None,
-                    private: bool | None = None, commit_message: str | None = None, tokenizer=None, **card: Any):
+                    private: bool | None = None, commit_message: str | None = None, tokenizer=None,
+                    ignore_patterns: list[str] | None = None, **card: Any):
         """Upload an exported folder (or a model, exported first) to the Hub through ``huggingface_hub.HfApi``.
 
         Args:
@@ -340,6 +341,7 @@ class ModelManager:
             private: create the repository private.
             commit_message: the commit message.
             tokenizer: saved with a model argument (default: the one :meth:`load_tokenizer` returned).
+            ignore_patterns: files of the folder not uploaded (``["*/*"]``: top-level files only).
             **card: ``metrics``, ``config``, ``data_description`` for the model card written when
                 the folder has none.
         """
@@ -356,7 +358,8 @@ class ModelManager:
             card_path = folder / "README.md"
             if card or not card_path.is_file() or "hf_optcore version" not in card_path.read_text(errors="ignore"):
                 self.write_model_card(folder, variant=variant, **card)
-            return push_folder_to_hub(folder, repo_id, token=token, private=private, commit_message=commit_message)
+            return push_folder_to_hub(folder, repo_id, token=token, private=private, commit_message=commit_message,
+                                      ignore_patterns=ignore_patterns)
         with tempfile.TemporaryDirectory(prefix="hf_optcore_push_") as tmp:
             self.save_final(output_dir_or_model, tokenizer if tokenizer is not None else self.tokenizer, tmp, variant)
             self.write_model_card(tmp, variant=variant, **card)

@@ -122,7 +122,8 @@ def _files(folder: Path) -> list[str]:
 
 
 def push_folder_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
-                       commit_message: str | None = None, revision: str | None = None) -> Any:
+                       commit_message: str | None = None, revision: str | None = None,
+                       ignore_patterns: list[str] | None = None) -> Any:
     """Create ``repo_id`` if needed and upload every file of ``folder`` in one commit.
 
     Args:
@@ -133,14 +134,18 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, token: str | None = Non
         private: create the repository private.
         commit_message: defaults to ``"Upload <n> files with hf_optcore"``.
         revision: branch to push to.
+        ignore_patterns: files not uploaded (fnmatch on the relative path, as huggingface_hub applies them;
+            ``["*/*"]`` keeps only the folder's top-level files).
 
     Returns:
         ``huggingface_hub.CommitInfo`` of the upload.
     """
     from huggingface_hub import HfApi
 
+    import fnmatch
+
     folder = Path(folder)
-    files = _files(folder)
+    files = [f for f in _files(folder) if not any(fnmatch.fnmatch(f, pat) for pat in ignore_patterns or [])]
     if not files:
         raise FileNotFoundError(f"push_to_hub: folder {str(folder)!r} is empty; nothing to upload")
     if token:
@@ -152,7 +157,8 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, token: str | None = Non
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     logger.info("Pushing %d files from %s to the Hub repository %s", len(files), folder, repo_id)
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
-                             commit_message=commit_message or f"Upload {len(files)} files with hf_optcore")
+                             commit_message=commit_message or f"Upload {len(files)} files with hf_optcore",
+                             ignore_patterns=ignore_patterns)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", help="YAML file merged over the embedded default")
     ap.add_argument("--no-samples", action="store_true", help="skip the before/after sample generations")
     ap.add_argument("overrides", nargs="*", help="dotted section.key=value overrides, e.g. training.max_steps=50")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
 
 def build_config(args: argparse.Namespace) -> TrainerConfig:
@@ -165,23 +165,33 @@ def main(argv: list[str] | None = None) -> int:
                                f"template, which the before/after samples need; set model.chat_template or pass "
                                f"--no-samples"])
         model = model_mgr.load_model()
+        if config.training.push_to_hub:
+            # transformers creates the repository when the Trainer starts (a Hub that cannot be reached fails
+            # here, before any training); its own checkpoint pushes stay off: the result is pushed at the end.
+            config.training.extra_args.setdefault("hub_strategy", "end")
+        from hf_optcore.trainer import OptCoreTrainer
+
+        trainer = OptCoreTrainer(
+            model=model,
+            args=config,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_mgr.collator,
+            processing_class=tokenizer,
+        )
     except (ConfigError, OptCoreError) as exc:
         if debug:
             raise
         for problem in getattr(exc, "problems", None) or [str(exc)]:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if debug or not config.training.push_to_hub:
+            raise
+        print(f"error: training.push_to_hub: cannot create the Hub repository {config.training.hub_model_id!r} "
+              f"({type(exc).__name__}: {exc}); nothing was trained", file=sys.stderr)
+        return 2
 
-    from hf_optcore.trainer import OptCoreTrainer
-
-    trainer = OptCoreTrainer(
-        model=model,
-        args=config,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=data_mgr.collator,
-        processing_class=tokenizer,
-    )
     is_main = trainer.is_world_process_zero()
     sample_rows = [] if args.no_samples else _sample_prompts(_read_rows(config.data.eval_path, SAMPLE_TERMS))
     sample_rows = [r for r in sample_rows if isinstance(r.get("instruction"), str)]  # samples prompt instructions
@@ -193,8 +203,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train_output = trainer.train()
-    except NonFiniteError:
-        raise  # a divergence is not bad input; the trainer decides how it ends
+    except NonFiniteError as exc:
+        if debug:
+            raise
+        # Not bad input and not a bug: the run diverged. Nothing non-finite was saved as the result.
+        latest = trainer.optcore_checkpointing.manager.latest()
+        print(f"error: training diverged: {exc}; "
+              + (f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved"), file=sys.stderr)
+        return 3
     except (ConfigError, OptCoreError) as exc:
         if debug:
             raise
@@ -205,16 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     samples_after = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
 
     out = Path(config.output_dir)
+    ran = trainer.optcore_config  # the values that ran, as trainer.args holds them
     metrics = {
         "train": dict(train_output.metrics),
         "eval_before": before,
         "eval_after": after,
         "data": getattr(data_mgr, "stats", {}),
     }
+    status = 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         model_mgr.save_final(trainer.model, tokenizer, out)
-        config.to_yaml(out / "config.yaml")
+        ran.to_yaml(out / "config.yaml")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
         samples = [
             {**b, "generation_before": b.pop("generation"), "generation_after": a["generation"]}
@@ -222,7 +240,41 @@ def main(argv: list[str] | None = None) -> int:
         ]
         (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
         _print_summary(before, after, samples, out)
+        if ran.training.push_to_hub:
+            status = push_result(model_mgr, trainer, tokenizer, ran, out, before, after, getattr(data_mgr, "stats", {}))
     trainer.accelerator.wait_for_everyone()
+    return status
+
+
+def push_result(model_mgr, trainer, tokenizer, config: TrainerConfig, out: Path, before: dict, after: dict,
+                data_stats: dict) -> int:
+    """Push the finished, locally saved result (``training.push_variant``) with its model card; 0 or 1.
+
+    A failed push is one error line: everything in ``out`` stays, and the same folder can be pushed again.
+    """
+    variant, repo = config.training.push_variant, config.training.hub_model_id
+    folder = out
+    if variant == "merged":
+        folder = model_mgr.save_final(trainer.model, tokenizer, out / "merged", variant="merged")
+    elif variant == "ema":
+        folder = out / "ema"
+    card_metrics = {f"{k} (before)": v for k, v in before.items() if k in ("eval_loss", "eval_perplexity")}
+    card_metrics.update({f"{k} (after)": v for k, v in after.items()
+                         if k in ("eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_ema_loss")})
+    d = config.data
+    described = f"train: `{d.train_path}`" + (f", eval: `{d.eval_path}`" if d.eval_path else "")
+    if data_stats:
+        described += "; " + ", ".join(f"{k}: {v}" for k, v in data_stats.items() if isinstance(v, (int, float, str)))
+    try:
+        # The result only: the folder's top-level files (weights or adapter, tokenizer, card, metrics), never
+        # the run's checkpoints or the other variants' sub-folders.
+        model_mgr.push_to_hub(folder, repo, variant=variant, metrics=card_metrics, config=config,
+                              data_description=described, ignore_patterns=["*/*"])
+    except (OSError, ValueError) as exc:
+        print(f"error: pushing {folder} to the Hub repository {repo!r} failed ({type(exc).__name__}: {exc}); "
+              f"the local output is complete in {out}", file=sys.stderr)
+        return 1
+    print(f"pushed {folder} ({variant}) to https://huggingface.co/{repo}")
     return 0
 
 
