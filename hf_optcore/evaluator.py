@@ -104,6 +104,7 @@ class EvalTotals:
         self.accelerator = accelerator
         self.totals = torch.zeros(4, dtype=torch.float64)  # loss sum, NLL sum, tokens, correct
         self.exact = True
+        self.loss_only = True  # the batch's logits are not wanted (no compute_metrics): the chunked loss may run
         self.modules = load_eval_metrics(metrics)
         self._counts: torch.Tensor | None = None
         self._stats: torch.Tensor | None = None

@@ -83,6 +83,7 @@ class OptCoreTrainer(Trainer):
         self.optcore_state: dict[str, Any] = {}
         self._optcore_scheduler_built = False
         self._optcore_eval: EvalTotals | None = None
+        self._optcore_loss_support: dict[int, bool] = {}
         if self._optcore_on:
             # A GPU-less multi-process launch forms a gloo group only with use_cpu (distributed.py).
             prepare_process_group(args)
@@ -170,11 +171,43 @@ class OptCoreTrainer(Trainer):
     # ---- loss and evaluation -----------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self._optcore_eval is not None and return_outputs:
-            # The same loss path as training; the evaluation adds up the statistics of its batch.
-            self._optcore_eval.observe_outputs(out[1], inputs)
-        return out
+        totals = self._optcore_eval
+        if not self._chunked_loss_applies(model, inputs, return_outputs):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if totals is not None and return_outputs:
+                totals.observe_outputs(out[1], inputs)  # the evaluation adds up its batch's statistics
+            return out
+        from hf_optcore.loss import causal_lm_loss
+
+        # The model's own loss without whole-batch logits; normalised exactly as transformers' compute_loss does.
+        counted = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, stats = causal_lm_loss(
+            model, inputs, num_items_in_batch=counted, label_smoothing=self.args.label_smoothing_factor,
+            chunk_size=self.args.loss_chunk_size, return_stats=totals is not None,
+            return_predictions=totals is not None and bool(totals.modules))
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and counted is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if stats is not None:
+            totals.observe_stats(stats.per_example, stats.predictions, stats.targets)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _chunked_loss_applies(self, model, inputs, return_outputs: bool) -> bool:
+        """The chunked loss runs where it is exact and nobody asked for logits or their own loss."""
+        if not self._optcore_on or not self.args.chunked_loss or self.compute_loss_func is not None:
+            return False
+        if not hasattr(inputs, "get") or (inputs.get("labels") is None and inputs.get("shift_labels") is None):
+            return False
+        if return_outputs and (self._optcore_eval is None or not self._optcore_eval.loss_only):
+            return False  # the outputs' logits are wanted (compute_metrics, predict)
+        from hf_optcore.loss import supports_logits_free
+
+        key = id(model)
+        if key not in self._optcore_loss_support:
+            ok, reason = supports_logits_free(model)
+            self._optcore_loss_support[key] = ok
+            logger.info("chunked loss %s: %s", "on" if ok else "off (the model's own loss runs)", reason)
+        return self._optcore_loss_support[key]
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if not self._optcore_on:
@@ -241,6 +274,7 @@ class OptCoreTrainer(Trainer):
         if counts is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         totals.begin_batch(counts)
+        totals.loss_only = prediction_loss_only
         loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         totals.end_batch(loss)
         return loss, logits, labels

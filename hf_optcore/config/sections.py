@@ -120,6 +120,11 @@ class TrainingConfig:
     adam_epsilon: float = _f(1e-8, "Adam epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     label_smoothing_factor: float = _f(0.0, "Label smoothing in [0, 1).")
+    chunked_loss: bool = _f(
+        True, "Causal-LM loss and evaluation without whole-batch [tokens, vocabulary] logits: the head applied "
+              "loss_chunk_size label tokens at a time, recomputed in backward; only where it equals the model's own "
+              "loss (else the model's loss runs).")
+    loss_chunk_size: int = _f(1024, "Label tokens per output-head call of the chunked loss.")
     seed: int = _f(42, "Seed for model init, dropout and data order.")
     data_seed: Optional[int] = _f(None, "Separate seed for the data order (defaults to seed).")
     logging_steps: float = _f(10, "Log every N optimizer steps.")
@@ -205,7 +210,20 @@ class CheckpointConfig:
     keep_every_n_steps: Optional[int] = _f(None, "Milestones: never prune checkpoints at multiples of N.")
     resume_from: Optional[str] = _f(None, "'auto' (latest complete checkpoint, else a fresh start) or a path.",
                                     hf="resume_from_checkpoint")
-    allow_topology_change: bool = _f(False, "Allow resuming with another world size / batch size / accumulation.")
+    allow_topology_change: bool = _f(
+        False, "Allow resuming with another world size / per-device batch / accumulation that keeps the examples per "
+               "optimizer step (the sampler re-cuts the interrupted epoch by examples consumed); another step size "
+               "is refused.")
+    own_output_dir: bool = _f(
+        True, "The run owns output_dir: it records its identity (run.json), holds run.lock while it trains, and "
+              "refuses a directory holding another run's checkpoints, a second concurrent run and a resume whose "
+              "config differs (false: transformers' behaviour, none of this).")
+    overwrite: bool = _f(
+        False, "Start from step 0 in an output_dir holding another run's checkpoints: they are replaced step by step "
+               "as this run saves its own, never deleted wholesale; resume_from=auto never resumes them.")
+    allow_changes: list[str] = _f(
+        [], "Dotted config keys (or whole sections) a resume may change, e.g. [training.learning_rate, "
+            "training.max_steps]; the new values run. Any other changed field refuses the resume.")
     on_nonfinite: Literal["skip", "stop"] = _f("skip", "A non-finite loss or grad norm: skip the step or stop.")
     max_consecutive_nonfinite: int = _f(5, "Stop after this many consecutive non-finite steps.")
     save_on_preemption: bool = _f(True, "On SIGTERM/SIGUSR1 finish the step, save and exit 0.")

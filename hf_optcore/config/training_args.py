@@ -291,7 +291,7 @@ def config_to_args(config: Any, **extra: Any) -> Any:
     return _cls()(**kwargs)
 
 
-_FAITHFUL = {"data.batching": "hf", "checkpoint.save_at_end": False, "checkpoint.keep_last": None,
+_FAITHFUL = {"data.batching": "hf", "training.chunked_loss": False, "checkpoint.save_at_end": False, "checkpoint.keep_last": None,
              "checkpoint.keep_best": 0, "checkpoint.own_output_dir": False, "checkpoint.overwrite": True,
              "checkpoint.allow_topology_change": True}
 
