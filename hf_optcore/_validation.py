@@ -7,7 +7,6 @@ the user sees every problem of a config in one error, before anything heavy runs
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +15,9 @@ if TYPE_CHECKING:
 
 
 def _registry_problem(path: str, name: str, valid: list[str], kind: str) -> str | None:
-    if name in valid:
-        return None
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{path}: unknown {kind} {name!r}{hint}; registered: {', '.join(sorted(valid))}"
+    from hf_optcore.optim.registry import unknown_name_message
+
+    return None if name in valid else f"{path}: {unknown_name_message(kind, name, valid)}"
 
 
 def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> list[str]:

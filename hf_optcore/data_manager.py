@@ -29,6 +29,7 @@ from hf_optcore.data.samplers import (
     RandomBatchSampler,
     TokenBudgetBatchSampler,
 )
+from hf_optcore.distributed import rank_and_world
 from hf_optcore.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,6 @@ def make_batch_sampler(data_config: DataConfig, lengths: list[int], batch_size: 
     if d.batching == "multipack":
         return MultipackBatchSampler(lengths, max_seq_len or d.max_seq_len, batch_size, **common)
     raise DataError(f"data.batching: unknown strategy {d.batching!r}; valid: random, bucket, token_budget, multipack")
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 class DataManager:
@@ -216,7 +209,7 @@ class DataManager:
             num_replicas, rank: world size and rank (default: torch.distributed's, else 1 and 0).
             batch_size: per-device batch size (default ``training.per_device_train_batch_size``).
         """
-        world, me = _distributed()
+        me, world = rank_and_world()
         return make_batch_sampler(
             self.data_config, dataset_lengths(dataset),
             batch_size or self.training.per_device_train_batch_size, self.seed,

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_optcore.distributed import rank_and_world
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EvalTotals", "Evaluator", "causal_lm_label_counts", "load_eval_metrics", "token_statistics"]
@@ -222,14 +224,9 @@ def load_eval_metrics(names: Iterable[Any]) -> list[Any]:
 
 def _forward_keys(model: nn.Module) -> set[str] | None:
     """Batch keys the model's forward accepts (None: accept all)."""
-    base = model
-    while True:
-        if hasattr(base, "module") and isinstance(base.module, nn.Module):
-            base = base.module
-        elif hasattr(base, "get_base_model"):
-            base = base.get_base_model()
-        else:
-            break
+    from hf_optcore.wrapping import base_model
+
+    base = base_model(model)
     try:
         params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
@@ -290,6 +287,7 @@ class Evaluator:
         self._autocast = autocast
         self._prepare_batch = prepare_batch
         self._keys = _forward_keys(model)
+        self._logits_free: bool | None = None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -321,7 +319,7 @@ class Evaluator:
                     totals += self._gather(stats).sum(0).cpu()
                     if modules:
                         self._add_to_metrics(modules, preds, labels)
-            if self.accelerator is None and self._distributed():
+            if self.accelerator is None and rank_and_world()[1] > 1:
                 import torch.distributed as dist
 
                 # The statistics were not gathered per batch: sum them once here.
@@ -371,11 +369,22 @@ class Evaluator:
             k: v for k, v in batch.items()
             if k not in ("labels", "num_items_in_batch") and (self._keys is None or k in self._keys)
         }
+        if self._logits_free is None:
+            from hf_optcore.loss import supports_logits_free
+
+            self._logits_free = supports_logits_free(self.model)[0]
+        if self._logits_free:
+            from hf_optcore.loss import causal_lm_loss
+
+            # Statistics chunk by chunk: no [tokens, vocabulary] logits for the batch, no upcast copy.
+            _, stats = causal_lm_loss(self.model, {**inputs, "labels": labels}, return_stats=True,
+                                      return_predictions=True)
+            return stats.per_example, stats.predictions, stats.targets
         # No labels to the model: the loss is computed here, per token, without its normalisation.
         outputs = self.model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", outputs[0])
-        stats, preds = token_statistics(logits, labels)
-        return stats, preds, labels[:, 1:]
+        rows = [token_statistics(logits[i:i + 1], labels[i:i + 1]) for i in range(logits.shape[0])]  # no full upcast
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), labels[:, 1:]
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator is not None:
@@ -388,7 +397,7 @@ class Evaluator:
                 self.accelerator.pad_across_processes(preds, dim=1, pad_index=IGNORE_INDEX))
             labels = self.accelerator.gather_for_metrics(
                 self.accelerator.pad_across_processes(labels.contiguous(), dim=1, pad_index=IGNORE_INDEX))
-        elif self._distributed():
+        elif rank_and_world()[1] > 1:
             import torch.distributed as dist
 
             parts: list[Any] = [None] * dist.get_world_size()
@@ -399,12 +408,6 @@ class Evaluator:
         p, r = preds.reshape(-1)[mask].tolist(), labels.reshape(-1)[mask].tolist()
         for module in modules:
             module.add_batch(predictions=p, references=r)
-
-    @staticmethod
-    def _distributed() -> bool:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _collective_device(self) -> torch.device:
         import torch.distributed as dist

@@ -23,7 +23,6 @@ def _problems(raw, monkeypatch=None):
     with pytest.raises(ConfigError) as ei, pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)  # the CPU answer, also on a GPU box
         TrainerConfig.from_dict(raw)
-    assert isinstance(ei.value, ValueError)
     return ei.value.problems
 
 
@@ -143,9 +142,11 @@ def test_each_validation_path(raw, expected):
     assert any(expected in p for p in problems), problems
 
 
-def test_fp16_allowed_with_cuda():
+def test_fp16_allowed_with_cuda_only():
     cfg = TrainerConfig.from_dict({"hardware": {"fp16": True}}, validate=False)
-    cfg.validate(cuda_available=True)
+    assert cfg.validate(cuda_available=True) is cfg
+    with pytest.raises(ConfigError, match="hardware.fp16: float16 mixed precision needs a CUDA GPU"):
+        cfg.validate(cuda_available=False)
 
 
 def test_missing_and_malformed_yaml(tmp_path):

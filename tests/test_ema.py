@@ -122,10 +122,22 @@ def test_half_precision_weights_get_fp32_shadows():
     torch.testing.assert_close(ema.shadow["0.weight"], expected, rtol=0, atol=1e-6)
 
 
-def test_offload_to_cpu_and_buffers():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading means anything only off the CPU (GPU check)")
+def test_offload_to_cpu_keeps_shadows_on_the_cpu():
+    model = nn.Linear(4, 4).cuda()
+    ema = EMAManager(_cfg(decay=0.5, offload_to_cpu=True), model)
+    assert all(s.device.type == "cpu" for s in ema.shadow.values())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    expected = 0.5 * ema.shadow["weight"] + 0.5 * model.weight.detach().cpu()
+    ema.update()
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+    assert EMAManager(_cfg(decay=0.5), model).shadow["weight"].device.type == "cuda"
+
+
+def test_buffers_are_averaged_when_included():
     model = nn.BatchNorm1d(4)
-    ema = EMAManager(_cfg(decay=0.5, offload_to_cpu=True, include_buffers=True), model)
-    assert ema.device == torch.device("cpu")
+    ema = EMAManager(_cfg(decay=0.5, include_buffers=True), model)
     assert "buffer:running_mean" in ema.shadow and "buffer:num_batches_tracked" not in ema.shadow
     with torch.no_grad():
         model.running_mean.fill_(2.0)

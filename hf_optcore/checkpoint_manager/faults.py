@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from hf_optcore.distributed import rank_and_world
 from hf_optcore.errors import OptCoreError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class PreemptionHandler:
     def requested(self) -> bool:
         """Whether any rank received a signal (all-reduced in a process group, so all ranks agree)."""
         flag = self.received is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if rank_and_world()[1] > 1:
             t = torch.tensor([1.0 if flag else 0.0])
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag = bool(t.item() > 0)
@@ -119,7 +120,7 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     if local:
         norms = torch._foreach_norm(local)
         ok = bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if rank_and_world()[1] > 1:
         flag = torch.tensor([0.0 if ok else 1.0])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         ok = bool(flag.item() == 0)

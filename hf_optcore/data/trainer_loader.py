@@ -17,6 +17,7 @@ from hf_optcore.data.collator import PaddingCollator
 from hf_optcore.data.packing import PackedDataset
 from hf_optcore.data.samplers import MultipackBatchSampler
 from hf_optcore.errors import DataError
+from hf_optcore.wrapping import base_model
 
 __all__ = ["PACKING_ATTENTION", "build_train_dataloader", "check_packing_support"]
 
@@ -26,9 +27,7 @@ PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "fl
 
 def check_packing_support(model: Any) -> None:
     """Refuse a model whose attention cannot keep packed examples apart (one clear error)."""
-    base = getattr(model, "module", model)  # DDP wrapper
-    if hasattr(base, "get_base_model"):  # peft
-        base = base.get_base_model()
+    base = base_model(model)
     config = getattr(base, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl not in PACKING_ATTENTION:

@@ -140,9 +140,9 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, token: str | None = Non
     Returns:
         ``huggingface_hub.CommitInfo`` of the upload.
     """
-    from huggingface_hub import HfApi
-
     import fnmatch
+
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     files = [f for f in _files(folder) if not any(fnmatch.fnmatch(f, pat) for pat in ignore_patterns or [])]

@@ -18,13 +18,14 @@ A user adds a third-party optimizer with one decorator and names it in YAML::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import importlib.util
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from hf_optcore.errors import did_you_mean
 
 __all__ = [
     "OptimizerInfo",
@@ -50,9 +51,7 @@ class OptimizerUnavailableError(ImportError):
 
 def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
     """``unknown optimizer 'adamww' (did you mean 'adamw'?); registered: ...``"""
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown {kind} {name!r}{hint}; registered: {', '.join(sorted(valid))}"
+    return f"unknown {kind} {name!r}{did_you_mean(name, valid, 0.5)}; registered: {', '.join(sorted(valid))}"
 
 
 @dataclass(frozen=True)
