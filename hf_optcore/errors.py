@@ -21,6 +21,11 @@ class CheckpointError(OptCoreError):
     """A checkpoint is missing, incomplete, corrupt or incompatible with this run."""
 
 
+class RunDirError(CheckpointError):
+    """An output directory this run may not start in: it holds another run's checkpoints, another run is
+    training in it now, or a resume would change config fields that were not allowed to change."""
+
+
 def did_you_mean(name: str, valid, cutoff: float = 0.6) -> str:
     """``" (did you mean 'x'?)"`` for the closest of ``valid`` to ``name``, else ``""``.
 

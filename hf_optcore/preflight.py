@@ -12,7 +12,12 @@ names, and returns every problem at once, one line each, naming the dotted key o
 - ``data.max_seq_len`` fits the model's positions, read from its config only (never the weights);
 - ``checkpoint.resume_from`` is present and intact (``auto`` with nothing to resume is fine), and the
   checkpoint is compatible with this run: the same optimizer, and the same per-device batch,
-  accumulation and world size unless ``checkpoint.allow_topology_change``.
+  accumulation and world size unless ``checkpoint.allow_topology_change`` (which still needs the same
+  examples per optimizer step);
+- with ``checkpoint.own_output_dir``, the run may start in ``output_dir``
+  (:mod:`hf_optcore.checkpoint_manager.ownership`): no other run holds its lock, it holds no other run's
+  checkpoints (unless ``checkpoint.overwrite``), ``auto`` finds this directory's own run, and a resume
+  changes no config field that ``checkpoint.allow_changes`` does not list (whose entries must be keys).
 
 The recipe (and ``hf-optcore train``) runs it after config validation and before the tokenizer and
 the model load; ``hf-optcore validate`` runs the same checks. Non-finite numbers are rejected earlier,
@@ -339,10 +344,29 @@ def _canonical_optimizer(name: str) -> str:
         return name
 
 
+def _run_dir_target(config: Any) -> tuple[Path | None, dict | None, list[str]]:
+    """The checkpoint the run resumes as the run that owns ``output_dir`` would resolve it, and why it may not start."""
+    from hf_optcore.checkpoint_manager.ownership import in_use_message, lock_holder, plan_run
+
+    problems = []
+    holder = lock_holder(config.output_dir)
+    if holder is not None:
+        problems.append(in_use_message(config.output_dir, holder))
+    plan = plan_run(config, config.checkpoint.resume_from, verify=True)
+    return plan.resume, plan.manifest, problems + plan.problems
+
+
 def _resume_problems(config: Any, world_size: int) -> list[str]:
-    if not config.checkpoint.resume_from:
-        return []
-    path, manifest, problems = _resume_target(config)
+    from hf_optcore.checkpoint_manager.resume_changes import allow_changes_problems, step_size_problem
+
+    problems = allow_changes_problems(config)
+    if config.checkpoint.own_output_dir:
+        path, manifest, found = _run_dir_target(config)
+    elif config.checkpoint.resume_from:
+        path, manifest, found = _resume_target(config)
+    else:
+        return problems
+    problems += found
     if path is None:
         return problems
     t = config.training
@@ -350,11 +374,12 @@ def _resume_problems(config: Any, world_size: int) -> list[str]:
     if saved_opt is not None and _canonical_optimizer(saved_opt) != _canonical_optimizer(t.optimizer):
         problems.append(f"training.optimizer: {t.optimizer!r}, but checkpoint {str(path)!r} holds the state of "
                         f"{saved_opt!r}; resume with training.optimizer={saved_opt}, or start a new run")
-    if config.checkpoint.allow_topology_change:
-        return problems
-    saved = manifest.get("topology") or {}
+    saved = (manifest or {}).get("topology") or {}
     now = {"world_size": world_size, "per_device_train_batch_size": t.per_device_train_batch_size,
            "gradient_accumulation_steps": t.gradient_accumulation_steps}
+    if config.checkpoint.allow_topology_change:
+        step = step_size_problem(saved, now, config.data.batching, path)
+        return problems + ([step] if step and config.data.batching != "hf" else [])
     exact = "resuming would not be exact. Use the same, or set checkpoint.allow_topology_change=true"
     for key in _TOPOLOGY:
         if key not in saved or saved[key] == now[key]:

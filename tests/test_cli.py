@@ -28,7 +28,8 @@ def test_console_script_is_declared():
 
 
 def test_validate_ok(tmp_path, capsys):
-    cfg = _yaml(tmp_path, {"training": {"max_steps": 3}, "model": {"name_or_path": "tiny:llama"}})
+    cfg = _yaml(tmp_path, {"training": {"max_steps": 3}, "model": {"name_or_path": "tiny:llama"},
+                           "output_dir": str(tmp_path / "run")})  # not the repository's outputs/, which may hold a run
     assert cli.main(["validate", str(cfg)]) == 0
     assert "valid" in capsys.readouterr().out
 

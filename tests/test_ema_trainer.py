@@ -209,7 +209,7 @@ def test_ema_resumes_exactly(tmp_path):
     first = _trainer(cfg2)
     first.train()
     cfg3 = _config(tmp_path, output_dir=str(tmp_path / "resumed"), training={"max_steps": 6},
-                   checkpoint={"every_n_steps": 3, "resume_from": "auto"})
+                   checkpoint={"every_n_steps": 3, "resume_from": "auto", "allow_changes": ["training.max_steps"]})
     resumed = _trainer(cfg3, model=build_tiny_model("llama", seed=5))  # different init: all comes from the checkpoint
     resumed.train()
     ema = resumed.optcore_state["ema"].manager

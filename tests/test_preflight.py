@@ -234,9 +234,14 @@ def test_resume_compatibility_optimizer_batch_accumulation_world_size(tmp_path):
         f"training.gradient_accumulation_steps: 2, but checkpoint '{ckpt}' was saved with 1; resuming would not be "
         f"exact. Use the same, or set checkpoint.allow_topology_change=true",
     ]
+    # Allowed when each optimizer step keeps its 2 x 8 x 1 = 16 examples; another step size is refused.
     allowed = config(tmp_path, "checkpoint.resume_from=auto", "checkpoint.allow_topology_change=true",
-                     "training.per_device_train_batch_size=4")
+                     "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=4")
     assert preflight(allowed, world_size=1) == []
+    (problem,) = preflight(config(tmp_path, "checkpoint.resume_from=auto", "checkpoint.allow_topology_change=true",
+                                  "training.per_device_train_batch_size=4"), world_size=1)
+    assert problem.startswith(f"checkpoint.allow_topology_change: '{ckpt}' was saved with 16 examples per optimizer "
+                              f"step") and "this run has 4" in problem and "gradient_accumulation_steps=4" in problem
     # An alias of the same optimizer is the same optimizer.
     assert preflight(config(tmp_path, f"checkpoint.resume_from={ckpt}", "training.optimizer=adamw_torch"),
                      world_size=2) == []

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
+from hf_optcore.checkpoint_manager import ownership, storage
 from hf_optcore.checkpoint_manager import rng as _rng
-from hf_optcore.checkpoint_manager import storage
 from hf_optcore.checkpoint_manager.faults import NonFiniteGuard, PreemptionHandler
 from hf_optcore.checkpoint_manager.manager import CheckpointManager, rank_file
 from hf_optcore.distributed import barrier, rank_and_world
-from hf_optcore.errors import CheckpointError
+from hf_optcore.errors import CheckpointError, RunDirError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,10 @@ class TrainerCheckpointing:
         self.preemption = PreemptionHandler()
         self.preempted = False
         self._scheduler_backup: tuple[dict, list[float]] | None = None
+        self._lock: ownership.RunLock | None = None
+        self._changes: list = []
+        self._resume_topology: dict | None = None
+        self._optimizer_given = trainer.optimizer is not None
 
     @property
     def config(self):
@@ -103,7 +107,8 @@ class TrainerCheckpointing:
     def manager(self) -> CheckpointManager:
         t, args = self.trainer, self.trainer.args
         if self._manager is None:
-            self._manager = CheckpointManager(self.config, args.output_dir, t.model, components=t.optcore_state)
+            self._manager = ownership.RunCheckpointManager(self.config, args.output_dir, t.model,
+                                                           components=t.optcore_state)
         m = self._manager
         m.config, m.output_dir = self.config, Path(args.output_dir)
         m.model, m.optimizer, m.scheduler = t.model, t.optimizer, t.lr_scheduler
@@ -122,28 +127,24 @@ class TrainerCheckpointing:
     def begin_train(self, resume_from_checkpoint: Any) -> str | None:
         """Resolve what to resume from (``auto``/True, a path, or ``checkpoint.resume_from``) to a verified checkpoint.
 
-        A checkpoint written by hf_optcore must be intact (``auto`` walks back past corrupt ones,
-        warning); a plain transformers checkpoint (no manifest) is accepted when named explicitly.
+        With ``checkpoint.own_output_dir`` the run claims ``output_dir`` first (:mod:`ownership`): it refuses
+        another run's directory, a directory in use and an unallowed config change before anything is written,
+        then holds the run lock until :meth:`end_train` and records its identity. Otherwise: a checkpoint
+        written by hf_optcore must be intact (``auto`` walks back past corrupt ones, warning); a plain
+        transformers checkpoint (no manifest) is accepted when named explicitly.
         """
         arg = None if resume_from_checkpoint is False else resume_from_checkpoint
         if arg is None:
             arg = self.trainer.args.resume_from_checkpoint
-        mgr = self.manager
-        path, manifest = None, None
-        if arg is True or arg == "auto":
-            self._warn_unmanifested(mgr)
-            if mgr.latest() is not None:
-                path, manifest = mgr.resolve("latest")
-            elif arg is True:
-                raise CheckpointError(f"resume requested but no complete checkpoint in {str(mgr.output_dir)!r}")
-        elif arg:
-            path = Path(arg)
-            if storage.read_manifest(path) is not None or not (path / TRAINER_STATE).is_file():
-                path, manifest = mgr.resolve(path)
-            else:
-                logger.warning("resuming from %s, a checkpoint not written by hf_optcore: no integrity check, and "
-                               "hf_optcore's components (EMA, sampler position, collate RNG) start fresh", path)
+        self._changes = []
+        if self.config.own_output_dir:
+            path, manifest = self._claim_output_dir(arg)
+            mgr = self.manager
+        else:
+            mgr = self.manager
+            path, manifest = self._resolve_resume(arg, mgr)
         self.resume_path = path
+        self._resume_topology = (manifest or {}).get("topology")
         self._resume_state = None
         self._rng_done = self._components_done = True
         if manifest is not None:
@@ -160,6 +161,76 @@ class TrainerCheckpointing:
             self.preemption.install()
         return str(path) if path is not None else None
 
+    def _resolve_resume(self, arg: Any, mgr: CheckpointManager) -> tuple[Path | None, dict | None]:
+        path, manifest = None, None
+        if arg is True or arg == "auto":
+            self._warn_unmanifested(mgr)
+            if mgr.latest() is not None:
+                path, manifest = mgr.resolve("latest")
+            elif arg is True:
+                raise CheckpointError(f"resume requested but no complete checkpoint in {str(mgr.output_dir)!r}")
+        elif arg:
+            path = Path(arg)
+            if storage.read_manifest(path) is not None or not (path / TRAINER_STATE).is_file():
+                path, manifest = mgr.resolve(path)
+            else:
+                logger.warning("resuming from %s, a checkpoint not written by hf_optcore: no integrity check, and "
+                               "hf_optcore's components (EMA, sampler position, collate RNG) start fresh", path)
+        return path, manifest
+
+    def _claim_output_dir(self, arg: Any) -> tuple[Path | None, dict | None]:
+        """Rank 0 plans the start, takes the run lock and writes ``run.json``; every rank gets its decision."""
+        decision: dict[str, Any] = {}
+        if rank_and_world()[0] == 0:
+            try:
+                decision = self._plan_and_lock(arg)
+            except Exception as exc:
+                decision = {"error": str(exc), "own": isinstance(exc, RunDirError)}
+                ownership.broadcast(decision)
+                raise
+        decision = ownership.broadcast(decision)
+        if "error" in decision:
+            raise (RunDirError if decision["own"] else CheckpointError)(decision["error"])
+        mgr = self.manager
+        mgr.lineage = frozenset(decision["lineage"])
+        mgr.run_record = decision["record"] if rank_and_world()[0] == 0 else None
+        self._changes = decision["changes"]
+        if decision["path"] is None:
+            return None, None
+        return Path(decision["path"]), decision["manifest"]  # verified by rank 0
+
+    def _plan_and_lock(self, arg: Any) -> dict[str, Any]:
+        t, args = self.trainer, self.trainer.args
+        cfg = t.optcore_config
+        topology = {"world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps}
+        # Cheap first (no sha256), so that a refusal touches nothing, not even the lock file.
+        plan = ownership.plan_run(cfg, arg, verify=False, topology=topology)
+        if plan.problems:
+            raise RunDirError("; ".join(plan.problems))
+        lock = ownership.RunLock(cfg.output_dir)
+        lock.acquire()
+        try:
+            plan = ownership.plan_run(cfg, arg, verify=True, topology=topology)  # under the lock: authoritative
+            if plan.problems:
+                raise RunDirError("; ".join(plan.problems))
+            record = plan.record(cfg)
+            lock.describe(run_id=plan.run_id)
+            ownership.write_run(cfg.output_dir, record)
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+        for line in plan.warnings:
+            logger.warning("%s", line)
+        if plan.changes:
+            logger.warning("resuming %s with the changed config allowed by checkpoint.allow_changes: %s", plan.resume,
+                           "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in plan.changes))
+        logger.info("run %s owns %s%s", plan.run_id, cfg.output_dir,
+                    f" (resumed from {plan.resume})" if plan.resume is not None else "")
+        return {"path": str(plan.resume) if plan.resume is not None else None, "manifest": plan.manifest,
+                "lineage": sorted(plan.lineage, key=str), "record": record, "changes": plan.changes}
+
     @staticmethod
     def _warn_unmanifested(mgr: CheckpointManager) -> None:
         latest = mgr.latest()
@@ -170,7 +241,13 @@ class TrainerCheckpointing:
                                "resumed from%s", path, f"; resuming from {newest} instead" if newest else "")
 
     def on_train_begin(self, train_dataloader: Any) -> None:
-        """Wrap the prepared train dataloader's collator (the skip-loader of a resume copies it)."""
+        """Wrap the prepared train dataloader's collator (the skip-loader of a resume copies it); after a resume
+        with allowed config changes, make the new optimizer and scheduler values run (transformers restored the
+        checkpoint's)."""
+        if self._changes:
+            from hf_optcore.checkpoint_manager.resume_changes import reapply
+
+            reapply(self.trainer, self._changes, optimizer_given=self._optimizer_given)
         base = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if base is None or not hasattr(base, "collate_fn"):
             return
@@ -181,6 +258,9 @@ class TrainerCheckpointing:
     def end_train(self) -> None:
         self.preemption.uninstall()
         self.tracker = None
+        if self._lock is not None:  # the run is over, however it ended
+            self._lock.release()
+            self._lock = None
 
     # ---- save: around transformers' own _save_checkpoint ---------------------------------
 
@@ -234,13 +314,35 @@ class TrainerCheckpointing:
         self._components_done = True
         mgr = self.manager
         sampler = mgr.components.get("sampler")
+        if sampler is not None and hasattr(sampler, "allow_topology_change"):
+            sampler.allow_topology_change = self.config.allow_topology_change  # re-cut by examples consumed
         mgr.load_components(self.resume_path)
+        self._check_epoch_length(sampler)
         if sampler is not None and hasattr(sampler, "state_dict"):
             # The Trainer positions the data itself (index-level skip, nothing is loaded or
             # collated), so the sampler resumes its epoch from the start, not from `consumed`.
             sd = sampler.state_dict()
             if isinstance(sd, dict) and "consumed" in sd:
                 sampler.load_state_dict({**sd, "consumed": 0})
+
+    def _check_epoch_length(self, sampler: Any) -> None:
+        """A topology change resumes exactly only when an epoch keeps its number of optimizer steps."""
+        from hf_optcore.checkpoint_manager.manager import component_file
+
+        saved, ga = self._resume_topology or {}, self.trainer.args.gradient_accumulation_steps
+        file = self.resume_path / component_file("sampler")
+        if sampler is None or not saved.get("gradient_accumulation_steps") or not file.is_file():
+            return
+        then = torch.load(file, map_location="cpu", weights_only=True).get("num_batches")
+        if then is None or then == len(sampler) and saved["gradient_accumulation_steps"] == ga:
+            return
+        before, after = -(-int(then) // int(saved["gradient_accumulation_steps"])), -(-len(sampler) // ga)
+        if before != after:
+            raise CheckpointError(
+                f"checkpoint {str(self.resume_path)!r}: an epoch had {before} optimizer steps when it was saved and "
+                f"has {after} with this topology (an epoch's last batch smaller than the number of processes joins "
+                f"the one before); transformers positions a resume by steps per epoch, so examples would be repeated "
+                f"or skipped. Resume with the saved topology, or a global batch that divides the data")
 
     def load_rng_at_epoch_start(self) -> None:
         """transformers' hook before the resumed epoch's iterator: restore here only at an epoch boundary."""
