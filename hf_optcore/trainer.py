@@ -94,7 +94,8 @@ class OptCoreTrainer(Trainer):
     def _init_extensions(self) -> None:
         cfg = self.optcore_config
         verify_process_group(self.args, accelerator=self.accelerator)
-        self.add_callback(TrainingReportCallback(lambda: self.optcore_config))
+        if cfg.training.write_report:
+            self.add_callback(TrainingReportCallback(lambda: self.optcore_config))
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(ThroughputProgressCallback())  # transformers' bar, with real tokens/s and padding
         from hf_optcore.checkpoint_manager.trainer_hooks import TrainerCheckpointing
@@ -106,7 +107,8 @@ class OptCoreTrainer(Trainer):
             # Added before the checkpoint callback: a step's checkpoint holds that step's EMA.
             self._optcore_ema = EMACallback(cfg.ema, lambda: self.model, self._optcore_ema_train_end,
                                             step_skipped=lambda: self.optcore_checkpointing.guard.last_step_skipped)
-            self._optcore_ema.ensure_manager()  # fails now, not at step 1, when nothing is trainable
+            if any(p.requires_grad for p in self.model.parameters()):
+                self._optcore_ema.ensure_manager()  # built on the model as passed; re-bound if train() replaces it
             self.add_callback(self._optcore_ema)
             self.optcore_state["ema"] = self._optcore_ema
         self.add_callback(CheckpointCallback(self.optcore_checkpointing))
@@ -225,10 +227,16 @@ class OptCoreTrainer(Trainer):
         # with the EMA weights swapped in, reported beside the live metrics (one log, one on_evaluate).
         output = self._token_weighted_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         ema_cfg = self.optcore_config.ema
-        if ema_cfg.enabled and ema_cfg.evaluate and description == "Evaluation":
-            with self._optcore_ema.ensure_manager().applied():
-                ema = self._token_weighted_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                                metric_key_prefix)
+        if (ema_cfg.enabled and ema_cfg.evaluate and description == "Evaluation"
+                and any(p.requires_grad for p in self.model.parameters())):
+            handler = self.callback_handler
+            callbacks, handler.callbacks = handler.callbacks, []  # one evaluation to callbacks: no second pass of events
+            try:
+                with self._optcore_ema.ensure_manager().applied():
+                    ema = self._token_weighted_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                    metric_key_prefix)
+            finally:
+                handler.callbacks = callbacks
             prefix = f"{metric_key_prefix}_"
             for key, value in ema.metrics.items():
                 name = key[len(prefix):] if key.startswith(prefix) else key
@@ -332,8 +340,14 @@ class OptCoreTrainer(Trainer):
         # transformers writes its checkpoint (its layout and savers); then components, manifest last, retention.
         path = self.optcore_checkpointing.checkpoint_dir(self._get_output_dir(trial=trial))
         self.optcore_checkpointing.before_save(path)
-        with self._optimizer_eval_mode():
-            super()._save_checkpoint(model, trial)
+        # Retention (save_total_limit) is applied once the new checkpoint counts, not by transformers' mtime-based
+        # rotation before its manifest exists.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            with self._optimizer_eval_mode():
+                super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.optcore_checkpointing.after_save(path)
 
     def _load_rng_state(self, checkpoint) -> None:

@@ -76,3 +76,26 @@ def test_optcore_resumes_from_a_plain_transformers_checkpoint(tmp_path):
     # Its own checkpoint of step 6 is a complete hf_optcore one, EMA included.
     manifest = storage.verify(resumed_dir / "checkpoint-6")
     assert "components/ema.pt" in manifest["files"]
+
+
+def test_save_total_limit_is_applied_by_hf_optcore_after_each_checkpoint_counts(tmp_path):
+    args = _args(tmp_path, save_total_limit=2)
+    args.save_steps = 1
+    cfg = TrainerConfig.from_training_arguments(args, ["ema.enabled=true"])
+    assert cfg.checkpoint.keep_last == 2
+    trainer = OptCoreTrainer(model=build_tiny_model("llama", seed=0), args=args, optcore_config=cfg,
+                             train_dataset=_dataset())
+    seen = []
+    original = trainer.optcore_checkpointing.manager.prune
+
+    def prune():
+        # When retention runs, the newest checkpoint is already complete: nothing is deleted before it counts.
+        newest = max(tmp_path.glob("checkpoint-*"), key=storage.step_of)
+        seen.append((newest.name, (newest / "manifest.json").is_file()))
+        return original()
+
+    trainer.optcore_checkpointing.manager.prune = prune
+    trainer.train()
+    assert trainer.args.save_total_limit == 2  # the argument keeps the user's value
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    assert seen == [(f"checkpoint-{i}", True) for i in range(1, 7)]

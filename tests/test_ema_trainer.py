@@ -229,10 +229,13 @@ def test_plain_training_arguments_add_no_ema(tmp_path):
     assert not any(isinstance(cb, EMACallback) for cb in trainer.callback_handler.callbacks)
 
 
-def test_nothing_trainable_fails_at_construction(tmp_path):
+def test_nothing_trainable_evaluates_but_fails_at_train_start(tmp_path):
     model = build_tiny_model("llama", seed=0).requires_grad_(False)
+    trainer = _trainer(_config(tmp_path), model=model)  # evaluation-only use of a frozen model is fine
+    assert "eval_ema_loss" not in trainer.evaluate()  # no EMA of nothing
     with pytest.raises(ValueError, match="no trainable parameter"):
-        _trainer(_config(tmp_path), model=model)
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_user_compute_metrics_still_runs_beside_token_exact_loss(tmp_path):

@@ -34,6 +34,7 @@ def test_every_config_field_has_one_place_in_the_arguments():
     assert all(link.arg in names or link.path in ("checkpoint.every_n_steps", "model.gradient_checkpointing",
                                                    "training.extra_args") for link in links)
     by_path = {link.path: link for link in links}
+    assert by_path["checkpoint.keep_last"].arg == "save_total_limit"
     assert by_path["training.optimizer"].arg == "optim" and by_path["training.scheduler"].arg == "lr_scheduler_type"
     assert by_path["training.learning_rate"].hf and not by_path["ema.decay"].hf
     assert by_path["ema.decay"].arg == "ema_decay" and by_path["model.lora.r"].arg == "lora_r"
@@ -64,7 +65,7 @@ def test_plain_arguments_convert_with_hf_faithful_extensions_and_overrides():
     assert cfg.ema.enabled and cfg.data.batching == "bucket"
     assert TrainerConfig.from_training_arguments(args).data.batching == "hf"  # without overrides: transformers' own
     again = cfg.to_training_arguments()
-    assert again.save_total_limit is None and again.checkpoint_keep_last == 3  # retention is hf_optcore's
+    assert again.save_total_limit == 3  # checkpoint.keep_last is transformers' save_total_limit (applied by hf_optcore)
     assert again.logging_first_step is True and again.remove_unused_columns is True
 
 
@@ -72,7 +73,7 @@ def test_hf_argument_parser_takes_every_extension_as_a_flat_flag():
     (args,) = HfArgumentParser(OptCoreTrainingArguments).parse_args_into_dataclasses([
         "--output_dir", "out", "--optim", "lion", "--lr_scheduler_type", "wsd", "--learning_rate", "3e-4",
         "--ema_enabled", "true", "--ema_decay", "0.99", "--data_batching", "bucket", "--lora_r", "8",
-        "--lr_multipliers", '{"lm_head": 0.1}', "--lora_target_modules", "auto", "--checkpoint_keep_last", "4"])
+        "--lr_multipliers", '{"lm_head": 0.1}', "--lora_target_modules", "auto", "--save_total_limit", "4"])
     cfg = args.to_optcore_config()
     assert (cfg.training.optimizer, cfg.training.scheduler, cfg.training.learning_rate) == ("lion", "wsd", 3e-4)
     assert cfg.ema.enabled and cfg.ema.decay == 0.99 and cfg.data.batching == "bucket"

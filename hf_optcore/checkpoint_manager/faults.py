@@ -137,7 +137,7 @@ class NonFiniteGuard:
     at once, before anything is saved, so the last checkpoint stays the resume point.
 
     Args:
-        on_nonfinite: ``"skip"`` or ``"stop"``.
+        on_nonfinite: ``"skip"``, ``"stop"``, or ``"ignore"`` (no check: transformers' behaviour).
         max_consecutive: stop after this many consecutive bad steps.
     """
 
@@ -160,6 +160,9 @@ class NonFiniteGuard:
         Raises:
             NonFiniteError: with ``on_nonfinite="stop"``, or after ``max_consecutive`` bad steps.
         """
+        if self.on_nonfinite == "ignore":
+            self._bad_loss = self.last_step_skipped = False
+            return False  # transformers' behaviour: the step is taken whatever it holds
         bad = not all_finite(grads + ([torch.tensor(float("nan"))] if self._bad_loss else []))
         self._bad_loss = False
         self.last_step_skipped = False
@@ -184,7 +187,7 @@ class NonFiniteGuard:
 
     def check_weights(self, params: list[torch.Tensor], step: int) -> None:
         """Raise :class:`NonFiniteError` when the update of step ``step + 1`` left a non-finite weight."""
-        if not all_finite(params):
+        if self.on_nonfinite != "ignore" and not all_finite(params):
             raise NonFiniteError(
                 f"the update of optimizer step {step + 1} left non-finite weights (a learning rate too high, or an "
                 f"overflow); training stops without saving them (the last saved checkpoint is intact)"

@@ -141,6 +141,8 @@ class TrainingConfig:
     run_name: Optional[str] = _f(None, "Name of the run in trackers and reports.")
     push_to_hub: bool = _f(False, "Push the final model to the Hub.")
     hub_model_id: Optional[str] = _f(None, "Hub repository id for push_to_hub.")
+    write_report: bool = _f(True, "Write report.png / report.md (loss, evaluations, throughput) into output_dir at "
+                                  "the end of training.")
     push_variant: Literal["adapter", "merged", "ema"] = _f(
         "adapter", "What the recipe pushes: the LoRA adapter, the merged model, or the EMA weights.")
     extra_args: dict = _f(
@@ -205,7 +207,8 @@ class CheckpointConfig:
 
     every_n_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: none during training).", hf="save_steps")
     save_at_end: bool = _f(True, "With every_n_steps=0, still save one checkpoint at the last step.")
-    keep_last: Optional[int] = _f(2, "Keep the newest K checkpoints (by step); null keeps all.")
+    keep_last: Optional[int] = _f(2, "Keep the newest K checkpoints (by step); null keeps all. Applied by hf_optcore "
+                                     "after each checkpoint is complete.", hf="save_total_limit")
     keep_best: int = _f(1, "Also keep the top-k checkpoints by metric_for_best_model.")
     keep_every_n_steps: Optional[int] = _f(None, "Milestones: never prune checkpoints at multiples of N.")
     resume_from: Optional[str] = _f(None, "'auto' (latest complete checkpoint, else a fresh start) or a path.",
@@ -224,9 +227,11 @@ class CheckpointConfig:
     allow_changes: list[str] = _f(
         [], "Dotted config keys (or whole sections) a resume may change, e.g. [training.learning_rate, "
             "training.max_steps]; the new values run. Any other changed field refuses the resume.")
-    on_nonfinite: Literal["skip", "stop"] = _f("skip", "A non-finite loss or grad norm: skip the step or stop.")
+    on_nonfinite: Literal["skip", "stop", "ignore"] = _f(
+        "skip", "A non-finite loss or gradient: skip the step, or stop; 'ignore' steps on as transformers does.")
     max_consecutive_nonfinite: int = _f(5, "Stop after this many consecutive non-finite steps.")
-    save_on_preemption: bool = _f(True, "On SIGTERM/SIGUSR1 finish the step, save and exit 0.")
+    save_on_preemption: bool = _f(True, "On SIGTERM/SIGUSR1 (exit 0) or Ctrl-C (exit 130) finish the step, save "
+                                        "and stop.")
 
 
 @dataclass

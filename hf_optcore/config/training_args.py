@@ -43,8 +43,8 @@ _SPECIAL = {"checkpoint.every_n_steps", "model.gradient_checkpointing", "trainin
 # fields, and what the launcher decides per process.
 _NOT_COPIED = {"hub_token", "gradient_checkpointing", "gradient_checkpointing_kwargs", "local_rank", "output_dir"}
 _SECRET_SUFFIX = "_token"
-# Read into checkpoint.* by their own conversion (every_n_steps / keep_last).
-_CONVERTED = {"save_strategy", "save_steps", "save_total_limit", "activation_checkpointing"}
+# Read into checkpoint.every_n_steps / model.gradient_checkpointing by their own conversion.
+_CONVERTED = {"save_strategy", "save_steps", "activation_checkpointing"}
 
 
 @dataclass(frozen=True)
@@ -211,13 +211,6 @@ class _Methods:
             self.optim = own_optim
         if own_sched is not None:
             self.lr_scheduler_type = own_sched
-        if self.save_total_limit is not None:
-            # Retention is hf_optcore's (manifest-aware, after the new checkpoint is complete), never
-            # transformers' mtime-based rotation: save_total_limit is read into checkpoint_keep_last.
-            if self.checkpoint_keep_last not in (self.save_total_limit, _checkpoint_default("keep_last")):
-                raise ConfigError([f"save_total_limit={self.save_total_limit} and checkpoint_keep_last="
-                                   f"{self.checkpoint_keep_last} disagree; set checkpoint_keep_last only"])
-            self.checkpoint_keep_last, self.save_total_limit = self.save_total_limit, None
         if self._optcore_validate:
             args_to_config(self)  # validates every section (values transformers accepted are not re-judged)
 
@@ -247,10 +240,6 @@ class _Methods:
     def to_optcore_config(self, validate: bool = True):
         """The nested :class:`~hf_optcore.config.TrainerConfig` view of these arguments."""
         return args_to_config(self, validate=validate)
-
-
-def _checkpoint_default(name: str) -> Any:
-    return _default_of(next(f for f in dataclasses.fields(SECTIONS["checkpoint"]) if f.name == name))
 
 
 @functools.lru_cache(maxsize=1)
@@ -291,15 +280,15 @@ def config_to_args(config: Any, **extra: Any) -> Any:
     return _cls()(**kwargs)
 
 
-_FAITHFUL = {"data.batching": "hf", "training.chunked_loss": False, "checkpoint.save_at_end": False, "checkpoint.keep_last": None,
-             "checkpoint.keep_best": 0, "checkpoint.own_output_dir": False, "checkpoint.overwrite": True,
+_FAITHFUL = {"data.batching": "hf", "training.chunked_loss": False, "training.write_report": False,
+             "checkpoint.on_nonfinite": "ignore", "checkpoint.save_at_end": False, "checkpoint.keep_best": 0,
+             "checkpoint.own_output_dir": False, "checkpoint.overwrite": True,
              "checkpoint.allow_topology_change": True}
 
 
 def _faithful_defaults(args: Any) -> dict[str, Any]:
     """Extension values under which the Trainer behaves exactly as transformers' own with ``args``."""
-    return {**_FAITHFUL, "checkpoint.keep_last": args.save_total_limit,
-            "checkpoint.keep_best": 1 if args.metric_for_best_model else 0}
+    return {**_FAITHFUL, "checkpoint.keep_best": 1 if args.metric_for_best_model else 0}
 
 
 def args_to_config(args: Any, overrides: list[str] | None = None, validate: bool = True) -> Any:
@@ -439,9 +428,17 @@ def merge_arguments(args: Any, config: Any) -> Any:
         merged.training.extra_args[key] = copy.deepcopy(mine)
     if conflicts:
         raise ConfigError([f"{c} (set each value in one place)" for c in conflicts])
-    secrets = {name: getattr(args, name) for name in _hf_fields()
-               if name.endswith(_SECRET_SUFFIX) and getattr(args, name, None) is not None}
-    return config_to_args(merged, **secrets)
+    keep = {name: getattr(args, name) for name in _hf_fields()
+            if name.endswith(_SECRET_SUFFIX) and getattr(args, name, None) is not None}
+    # Where a transformers field ends as the caller set it, the caller's own value goes through as it was
+    # (10 stays an int, None stays None): the arguments compare equal to theirs field by field.
+    for link in field_links():
+        if link.hf and link.path not in _SPECIAL and _get(merged, link.path) == _get(view, link.path):
+            keep[link.arg] = copy.deepcopy(getattr(args, link.arg))
+    for key, value in merged.training.extra_args.items():
+        if key in _hf_fields() and _plain(getattr(args, key, None)) == value:
+            keep[key] = copy.deepcopy(getattr(args, key))
+    return config_to_args(merged, **keep)
 
 
 def _set_attr(obj: Any, path: str, value: Any) -> None:
