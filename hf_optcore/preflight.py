@@ -346,7 +346,8 @@ def _canonical_optimizer(name: str) -> str:
 
 def _run_dir_target(config: Any) -> tuple[Path | None, dict | None, list[str]]:
     """The checkpoint the run resumes as the run that owns ``output_dir`` would resolve it, and why it may not start."""
-    from hf_optcore.checkpoint_manager.ownership import in_use_message, lock_holder, plan_run
+    from hf_optcore.checkpoint_manager.ownership import plan_run
+    from hf_optcore.checkpoint_manager.run_identity import in_use_message, lock_holder
 
     problems = []
     holder = lock_holder(config.output_dir)

@@ -18,8 +18,9 @@ import torch
 from transformers import TrainerCallback
 
 from hf_optcore.checkpoint_manager import storage
-from hf_optcore.checkpoint_manager.ownership import RunLock, lock_holder, plan_run, read_run
+from hf_optcore.checkpoint_manager.ownership import plan_run
 from hf_optcore.checkpoint_manager.resume_changes import compared_fingerprint
+from hf_optcore.checkpoint_manager.run_identity import RunLock, lock_holder, read_run
 from hf_optcore.config import TrainerConfig
 from hf_optcore.errors import RunDirError
 from hf_optcore.tiny import build_tiny_model
@@ -214,7 +215,7 @@ def test_a_held_lock_refuses_at_once_naming_the_holder(tmp_path):
 
 
 def test_the_lock_of_a_killed_process_is_no_obstacle(tmp_path):
-    code = ("import os, signal, sys; from hf_optcore.checkpoint_manager.ownership import RunLock; "
+    code = ("import os, signal, sys; from hf_optcore.checkpoint_manager.run_identity import RunLock; "
             "RunLock(sys.argv[1]).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, timeout=120)
     assert proc.returncode == -signal.SIGKILL

@@ -3,14 +3,12 @@
 With ``checkpoint.own_output_dir`` (the default; transformers' behaviour when false):
 
 - **Identity.** When a run starts, rank 0 writes ``run.json`` into ``output_dir`` (atomically): run id,
-  config fingerprint (:meth:`~hf_optcore.config.TrainerConfig.fingerprint`), start time, host, pid, what it
-  resumed, its newest committed checkpoint, and one entry per start (``compared_fingerprint`` hashes only the
-  fields a resume compares, see :mod:`~hf_optcore.checkpoint_manager.resume_changes`). Every manifest the run commits names
-  its run id. A resume continues the run it resumes (same id); anything else is a new run.
-- **Lock.** From train start to train end rank 0 holds an exclusive ``flock`` on ``output_dir/run.lock``
-  (holder host, pid, since and run id written inside). A second run on the same directory refuses at once,
-  naming the holder. The kernel drops the lock however the process ends (exception, SIGKILL), so a lock
-  file left by a dead process is no obstacle; ``hf-optcore validate`` probes it without writing.
+  config fingerprint, start time, host, pid, what it resumed (:mod:`~hf_optcore.checkpoint_manager.run_identity`).
+  Every manifest the run commits names its run id. A resume continues the run it resumes (same id); anything
+  else is a new run.
+- **Lock.** From train start to train end rank 0 holds an exclusive ``flock`` on ``output_dir/run.lock``. A
+  second run on the same directory refuses at once, naming the holder; a lock file left by a dead process
+  is no obstacle.
 - **Where a run may start** (:func:`plan_run`, read-only; the Trainer and the preflight share it):
 
   * ``resume_from: auto`` resumes only the directory's own run (the one ``run.json`` names; without
@@ -33,19 +31,15 @@ changed or deleted.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
-import secrets
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hf_optcore.checkpoint_manager import storage
-from hf_optcore.checkpoint_manager.manager import TOPOLOGY_KEYS, CheckpointManager
+from hf_optcore.checkpoint_manager.manager import TOPOLOGY_KEYS
 from hf_optcore.checkpoint_manager.resume_changes import (
     compared_fingerprint,
     config_changes,
@@ -53,149 +47,15 @@ from hf_optcore.checkpoint_manager.resume_changes import (
     saved_config,
     step_size_problem,
 )
+from hf_optcore.checkpoint_manager.run_identity import RunLock, new_run_id, now, read_run, write_run
 from hf_optcore.errors import CheckpointError, RunDirError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_FILE", "RUN_FILE", "RunCheckpointManager", "RunLock", "StartPlan", "lock_holder", "plan_run",
-           "read_run", "write_run"]
+__all__ = ["StartPlan", "claim", "plan_run"]
 
-RUN_FILE = "run.json"
-LOCK_FILE = "run.lock"
 TRAINER_STATE = "trainer_state.json"
 _HISTORY = 100
-
-
-def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _new_run_id() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
-# ---- run.json -------------------------------------------------------------------------------
-
-
-def read_run(output_dir: str | os.PathLike) -> dict | None:
-    """The identity ``run.json`` of ``output_dir``, or None when there is none (or it is unreadable: warned)."""
-    path = Path(output_dir) / RUN_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        logger.warning("%s is unreadable (%s): the run owning this directory is unknown", path, exc)
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("run_id"), str) else None
-
-
-def write_run(output_dir: str | os.PathLike, record: dict) -> None:
-    """Write ``run.json`` atomically (temporary file, fsync, rename)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RUN_FILE}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / RUN_FILE)
-    storage.fsync_dir(out)
-
-
-# ---- the lock -------------------------------------------------------------------------------
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        raw = os.pread(fd, 4096, 0)
-        holder = json.loads(raw.decode("utf-8")) if raw else {}
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def in_use_message(output_dir: str | os.PathLike, holder: dict) -> str:
-    who = ", ".join(f"{k} {holder[k]}" for k in ("run_id", "pid", "host", "since") if holder.get(k)) or "holder unknown"
-    return (f"output_dir: {str(output_dir)!r} is in use by another run ({who}), which holds {LOCK_FILE}; wait "
-            f"for it to end or stop it, or choose another output_dir")
-
-
-def lock_holder(output_dir: str | os.PathLike) -> dict | None:
-    """Who holds ``output_dir``'s run lock (``{}`` when unknown), or None when nobody does. Writes nothing."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _read_holder(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``output_dir/run.lock``, held by one process for the life of a run.
-
-    Args:
-        output_dir: the run's directory (created when missing).
-    """
-
-    def __init__(self, output_dir: str | os.PathLike):
-        self.path = Path(output_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self, attempts: int = 5) -> None:
-        """Take the lock or raise :class:`RunDirError` naming its holder (a few quick retries: a preflight probe
-        holds it for an instant)."""
-        import fcntl
-
-        if self._fd is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        for attempt in range(attempts):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == attempts - 1:
-                    holder = _read_holder(fd)
-                    os.close(fd)
-                    raise RunDirError(in_use_message(self.path.parent, holder)) from None
-                time.sleep(0.1)
-        self._fd = fd
-        self.describe()
-
-    def describe(self, **extra: Any) -> None:
-        """Write who holds the lock (host, pid, since, and ``extra`` such as the run id) into the lock file."""
-        if self._fd is None:
-            return
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(), **extra}
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(holder).encode("utf-8"), 0)
-
-    def release(self) -> None:
-        """Release the lock (the file stays: removing it would race with a run opening it)."""
-        import fcntl
-
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
 
 
 # ---- where a run may start --------------------------------------------------------------------
@@ -240,7 +100,7 @@ class StartPlan:
 
     def record(self, config: Any) -> dict:
         """The ``run.json`` this run writes: its identity, this start appended to the history."""
-        start = {"started": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+        start = {"started": now(), "host": socket.gethostname(), "pid": os.getpid(),
                  "config_fingerprint": config.fingerprint(), "compared_fingerprint": compared_fingerprint(config),
                  "resumed_from": str(self.resume) if self.resume is not None else None}
         if self.changes:
@@ -326,13 +186,13 @@ def _plan_fresh(config: Any, owner: dict | None, complete: list[_Found], bare: l
                 via_auto: bool = False) -> StartPlan:
     out = config.output_dir
     same_run = owner is not None and owner.get("last_checkpoint") is None and _same_config(owner, config)
-    run_id = owner["run_id"] if same_run else _new_run_id()
+    run_id = owner["run_id"] if same_run else new_run_id()
     plan = StartPlan(run_id=run_id, lineage={run_id})
     if not complete and not bare:
         return plan
     others = _describe_others(config, owner, complete, bare)
     if config.checkpoint.overwrite:
-        plan.run_id = _new_run_id()
+        plan.run_id = new_run_id()
         plan.lineage = {plan.run_id}
         plan.warnings.append(f"checkpoint.overwrite: run {plan.run_id} starts in {out!r}, which holds {others}; they "
                              f"are replaced step by step as this run saves, and never resumed or pruned by it")
@@ -352,7 +212,7 @@ def _plan_auto(config: Any, owner: dict | None, complete: list[_Found], bare: li
     mine = [f for f in complete if f.run_id == lineage_id] if (owner or complete) else []
     target, manifest, errors = _newest_intact(mine, verify)
     if target is not None:
-        run_id = lineage_id or _new_run_id()
+        run_id = lineage_id or new_run_id()
         plan = StartPlan(run_id=run_id, resume=target.path, manifest=manifest, lineage={lineage_id, run_id})
         plan.warnings += [f"{e}; falling back to the previous complete checkpoint" for e in errors]
         plan.warnings += [_unmanifested_warning(b, target.path) for b in bare if b.step > target.step]
@@ -403,7 +263,7 @@ def _plan_path(config: Any, spec: Any, owner: dict | None, complete: list[_Found
             hint = f" (it holds {', '.join(inside)}: name one of them, or use 'auto')" if inside else ""
             return StartPlan(run_id="", problems=[f"checkpoint.resume_from: {exc}{hint}"])
     rid = (manifest or {}).get("run_id") if manifest is not None else None
-    run_id = rid or _new_run_id()
+    run_id = rid or new_run_id()
     # A checkpoint written before run ids adopts the other id-less ones; a plain transformers one adopts nothing.
     lineage = {run_id} | ({rid} if manifest is not None else set())
     plan = StartPlan(run_id=run_id, resume=path, manifest=manifest, lineage=lineage, warnings=warnings)
@@ -465,49 +325,32 @@ def _topology_problems(config: Any, plan: StartPlan, now: dict) -> list[str]:
     return [problem] if problem else []
 
 
-# ---- the run's checkpoint manager ---------------------------------------------------------------
+def claim(config: Any, resume: Any, topology: dict) -> tuple[StartPlan, RunLock, dict]:
+    """Plan the start, take the run lock, write ``run.json``: ``(plan, held lock, run.json record)``.
 
-
-class RunCheckpointManager(CheckpointManager):
-    """The checkpoint manager of a run that owns its output directory.
-
-    Only checkpoints of the run's ``lineage`` (run ids; None for checkpoints written before run ids) are
-    listed, ranked, pruned and resumed: another run's checkpoints left in the directory are never touched.
-    Every manifest it commits names the run (``run_id``), and ``run.json`` (``run_record``) records the newest
-    committed step. With an empty lineage it is a plain :class:`CheckpointManager`.
+    Rank 0 only. Raises :class:`RunDirError` before anything is written when the run may not start (a refusal
+    found without the lock touches nothing, not even the lock file); the lock is released on any failure.
     """
-
-    lineage: frozenset = frozenset()
-    run_record: dict | None = None
-
-    def checkpoints(self) -> list[storage.CheckpointInfo]:
-        found = super().checkpoints()
-        if not self.lineage:
-            return found
-        return [c for c in found if c.manifest.get("run_id") in self.lineage]
-
-    def _meta(self, metrics: dict[str, float] | None, world: int) -> dict[str, Any]:
-        meta = super()._meta(metrics, world)
-        if self.run_record is not None:
-            meta["run_id"] = self.run_record["run_id"]
-        return meta
-
-    def commit(self, path: Path, step: int, metrics: dict[str, float] | None, files: list[str]) -> Path:
-        path = super().commit(path, step, metrics, files)
-        if self.run_record is not None:
-            self.run_record["last_checkpoint"] = int(step)
-            write_run(self.output_dir, self.run_record)
-        return path
-
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (itself without a process group)."""
-    from hf_optcore.distributed import rank_and_world
-
-    if rank_and_world()[1] <= 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    plan = plan_run(config, resume, verify=False, topology=topology)  # cheap first: no sha256
+    if plan.problems:
+        raise RunDirError("; ".join(plan.problems))
+    lock = RunLock(config.output_dir)
+    lock.acquire()
+    try:
+        plan = plan_run(config, resume, verify=True, topology=topology)  # under the lock: authoritative
+        if plan.problems:
+            raise RunDirError("; ".join(plan.problems))
+        record = plan.record(config)
+        lock.describe(run_id=plan.run_id)
+        write_run(config.output_dir, record)
+    except BaseException:
+        lock.release()
+        raise
+    for line in plan.warnings:
+        logger.warning("%s", line)
+    if plan.changes:
+        logger.warning("resuming %s with the changed config allowed by checkpoint.allow_changes: %s", plan.resume,
+                       "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in plan.changes))
+    logger.info("run %s owns %s%s", plan.run_id, config.output_dir,
+                f" (resumed from {plan.resume})" if plan.resume is not None else "")
+    return plan, lock, record

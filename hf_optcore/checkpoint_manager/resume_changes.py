@@ -27,8 +27,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Change", "allow_changes_problems", "compared_fingerprint", "config_changes", "diff_configs", "reapply",
-           "step_size_problem"]
+__all__ = ["Change", "allow_changes_problems", "compared_fingerprint", "config_changes", "diff_configs",
+           "epoch_length_problem", "reapply", "step_size_problem"]
 
 Change = tuple  # (dotted key, the checkpoint's value, this run's value)
 
@@ -247,6 +247,25 @@ def step_size_problem(saved: dict, now: dict, batching: str, where: str | Path =
             f"({formula}), this run has {after}; transformers positions a resume by optimizer steps, so the rest "
             f"of the interrupted epoch would repeat or skip examples. Keep {formula} = {before}{hint}, or start a "
             f"new run")
+
+
+def epoch_length_problem(saved: dict, saved_batches: Any, batches: int, accumulation: int,
+                         where: str | Path = "") -> str | None:
+    """Why a topology change would not resume exactly although the step size is kept, or None.
+
+    transformers positions a resume by optimizer steps per epoch: they must not change. They can, by one, when
+    an epoch's last global batch holds fewer examples than there are processes and joins the one before.
+    """
+    ga_then = saved.get("gradient_accumulation_steps")
+    if saved_batches is None or not ga_then:
+        return None
+    before, after = -(-int(saved_batches) // int(ga_then)), -(-int(batches) // int(accumulation))
+    if before == after:
+        return None
+    return (f"checkpoint {str(where)!r}: an epoch had {before} optimizer steps when it was saved and has {after} with "
+            f"this topology (an epoch's last batch smaller than the number of processes joins the one before); "
+            f"transformers positions a resume by steps per epoch, so examples would be repeated or skipped. Resume "
+            f"with the saved topology, or a global batch that divides the data")
 
 
 # ---- making the allowed new values run -----------------------------------------------------------

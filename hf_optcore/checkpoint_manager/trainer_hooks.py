@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hf_optcore.checkpoint_manager import ownership, storage
+from hf_optcore.checkpoint_manager import ownership, run_identity, storage
 from hf_optcore.checkpoint_manager import rng as _rng
 from hf_optcore.checkpoint_manager.faults import NonFiniteGuard, PreemptionHandler
 from hf_optcore.checkpoint_manager.manager import CheckpointManager, rank_file
@@ -92,7 +92,7 @@ class TrainerCheckpointing:
         self.preemption = PreemptionHandler()
         self.preempted = False
         self._scheduler_backup: tuple[dict, list[float]] | None = None
-        self._lock: ownership.RunLock | None = None
+        self._lock: run_identity.RunLock | None = None
         self._changes: list = []
         self._resume_topology: dict | None = None
         self._optimizer_given = trainer.optimizer is not None
@@ -107,8 +107,8 @@ class TrainerCheckpointing:
     def manager(self) -> CheckpointManager:
         t, args = self.trainer, self.trainer.args
         if self._manager is None:
-            self._manager = ownership.RunCheckpointManager(self.config, args.output_dir, t.model,
-                                                           components=t.optcore_state)
+            self._manager = run_identity.RunCheckpointManager(self.config, args.output_dir, t.model,
+                                                              components=t.optcore_state)
         m = self._manager
         m.config, m.output_dir = self.config, Path(args.output_dir)
         m.model, m.optimizer, m.scheduler = t.model, t.optimizer, t.lr_scheduler
@@ -179,16 +179,19 @@ class TrainerCheckpointing:
         return path, manifest
 
     def _claim_output_dir(self, arg: Any) -> tuple[Path | None, dict | None]:
-        """Rank 0 plans the start, takes the run lock and writes ``run.json``; every rank gets its decision."""
-        decision: dict[str, Any] = {}
+        """Rank 0 claims ``output_dir`` (:func:`ownership.claim`); every rank gets its decision, or its refusal."""
+        args, decision = self.trainer.args, {}
         if rank_and_world()[0] == 0:
+            topology = {"world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
+                        "gradient_accumulation_steps": args.gradient_accumulation_steps}
             try:
-                decision = self._plan_and_lock(arg)
+                plan, self._lock, record = ownership.claim(self.trainer.optcore_config, arg, topology)
             except Exception as exc:
-                decision = {"error": str(exc), "own": isinstance(exc, RunDirError)}
-                ownership.broadcast(decision)
+                run_identity.broadcast({"error": str(exc), "own": isinstance(exc, RunDirError)})
                 raise
-        decision = ownership.broadcast(decision)
+            decision = {"path": str(plan.resume) if plan.resume is not None else None, "manifest": plan.manifest,
+                        "lineage": sorted(plan.lineage, key=str), "record": record, "changes": plan.changes}
+        decision = run_identity.broadcast(decision)
         if "error" in decision:
             raise (RunDirError if decision["own"] else CheckpointError)(decision["error"])
         mgr = self.manager
@@ -198,38 +201,6 @@ class TrainerCheckpointing:
         if decision["path"] is None:
             return None, None
         return Path(decision["path"]), decision["manifest"]  # verified by rank 0
-
-    def _plan_and_lock(self, arg: Any) -> dict[str, Any]:
-        t, args = self.trainer, self.trainer.args
-        cfg = t.optcore_config
-        topology = {"world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
-                    "gradient_accumulation_steps": args.gradient_accumulation_steps}
-        # Cheap first (no sha256), so that a refusal touches nothing, not even the lock file.
-        plan = ownership.plan_run(cfg, arg, verify=False, topology=topology)
-        if plan.problems:
-            raise RunDirError("; ".join(plan.problems))
-        lock = ownership.RunLock(cfg.output_dir)
-        lock.acquire()
-        try:
-            plan = ownership.plan_run(cfg, arg, verify=True, topology=topology)  # under the lock: authoritative
-            if plan.problems:
-                raise RunDirError("; ".join(plan.problems))
-            record = plan.record(cfg)
-            lock.describe(run_id=plan.run_id)
-            ownership.write_run(cfg.output_dir, record)
-        except BaseException:
-            lock.release()
-            raise
-        self._lock = lock
-        for line in plan.warnings:
-            logger.warning("%s", line)
-        if plan.changes:
-            logger.warning("resuming %s with the changed config allowed by checkpoint.allow_changes: %s", plan.resume,
-                           "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in plan.changes))
-        logger.info("run %s owns %s%s", plan.run_id, cfg.output_dir,
-                    f" (resumed from {plan.resume})" if plan.resume is not None else "")
-        return {"path": str(plan.resume) if plan.resume is not None else None, "manifest": plan.manifest,
-                "lineage": sorted(plan.lineage, key=str), "record": record, "changes": plan.changes}
 
     @staticmethod
     def _warn_unmanifested(mgr: CheckpointManager) -> None:
@@ -326,23 +297,17 @@ class TrainerCheckpointing:
                 sampler.load_state_dict({**sd, "consumed": 0})
 
     def _check_epoch_length(self, sampler: Any) -> None:
-        """A topology change resumes exactly only when an epoch keeps its number of optimizer steps."""
         from hf_optcore.checkpoint_manager.manager import component_file
+        from hf_optcore.checkpoint_manager.resume_changes import epoch_length_problem
 
-        saved, ga = self._resume_topology or {}, self.trainer.args.gradient_accumulation_steps
         file = self.resume_path / component_file("sampler")
-        if sampler is None or not saved.get("gradient_accumulation_steps") or not file.is_file():
+        if sampler is None or not self._resume_topology or not file.is_file():
             return
-        then = torch.load(file, map_location="cpu", weights_only=True).get("num_batches")
-        if then is None or then == len(sampler) and saved["gradient_accumulation_steps"] == ga:
-            return
-        before, after = -(-int(then) // int(saved["gradient_accumulation_steps"])), -(-len(sampler) // ga)
-        if before != after:
-            raise CheckpointError(
-                f"checkpoint {str(self.resume_path)!r}: an epoch had {before} optimizer steps when it was saved and "
-                f"has {after} with this topology (an epoch's last batch smaller than the number of processes joins "
-                f"the one before); transformers positions a resume by steps per epoch, so examples would be repeated "
-                f"or skipped. Resume with the saved topology, or a global batch that divides the data")
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+        problem = epoch_length_problem(self._resume_topology, saved.get("num_batches"), len(sampler),
+                                       self.trainer.args.gradient_accumulation_steps, self.resume_path)
+        if problem:
+            raise CheckpointError(problem)
 
     def load_rng_at_epoch_start(self) -> None:
         """transformers' hook before the resumed epoch's iterator: restore here only at an epoch boundary."""
