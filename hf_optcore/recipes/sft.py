@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Not bad input and not a bug: the run diverged. Nothing non-finite was saved as the result.
         latest = trainer.optcore_checkpointing.manager.latest()
-        print(f"error: training diverged: {exc}; "
+        print(f"\nerror: training diverged: {exc}; "  # a new line: a progress bar may hold the current one
               + (f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved"), file=sys.stderr)
         return 3
     except (ConfigError, OptCoreError) as exc:

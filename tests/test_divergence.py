@@ -1,0 +1,62 @@
+"""A run that diverges ends loudly: non-zero exit, one error line, the last good checkpoint intact, no NaN result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_optcore.checkpoint_manager.faults import NonFiniteError
+from hf_optcore.config import TrainerConfig
+from hf_optcore.tiny import build_tiny_model
+from hf_optcore.trainer import OptCoreTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--no-samples", "model.name_or_path=tiny:llama", "model.lora.enabled=false", "training.max_steps=8",
+        "training.warmup_steps=0", "training.per_device_train_batch_size=4", "training.logging_steps=1",
+        "data.max_seq_len=128", "data.max_train_samples=48", "data.max_eval_samples=8",
+        "checkpoint.every_n_steps=1", "checkpoint.keep_last=null", "training.scheduler=constant"]
+
+
+def test_the_recipe_exits_3_with_one_line_and_saves_no_nan_result(tmp_path):
+    # Finite in the config, so it passes validation; the first update overflows the weights.
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), f"output_dir={out}", *TINY,
+                        "training.learning_rate=1e30", "training.optimizer=sgd", "training.max_grad_norm=0"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 3, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0], r.stderr[-2000:]
+    assert "update of optimizer step 1 left non-finite weights" in errors[0] and "no checkpoint was saved" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert not list(out.glob("checkpoint-*"))
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()  # no result saved
+
+
+def test_an_update_that_leaves_non_finite_weights_stops_before_anything_is_saved(tmp_path):
+    rows = [{"input_ids": list(range(i, i + 10)), "labels": list(range(i, i + 10))} for i in range(32)]
+    cfg = TrainerConfig.from_dict({"output_dir": str(tmp_path), "hardware": {"use_cpu": True},
+                                   "model": {"lora": {"enabled": False}},
+                                   "training": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-3},
+                                   "checkpoint": {"every_n_steps": 1, "keep_last": None}})
+    trainer = OptCoreTrainer(model=build_tiny_model("llama", seed=0), args=cfg, train_dataset=rows)
+    trainer.create_optimizer()
+    step, weight = trainer.optimizer.step, trainer.model.model.norm.weight
+
+    def overflowing_step(*a, **k):  # the third update overflows, as a huge learning rate would
+        out = step(*a, **k)
+        if trainer.state.global_step == 2:
+            with torch.no_grad():
+                weight[0] = float("inf")
+        return out
+
+    trainer.optimizer.step = overflowing_step
+    with pytest.raises(NonFiniteError, match="update of optimizer step 3 left non-finite weights"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
