@@ -222,6 +222,22 @@ def _identity_forward(x, *args, **kwargs):
     return x
 
 
+def _touching_forward(params: list[torch.Tensor]):
+    def forward(x, *args, **kwargs):
+        # x + 0 * (one element of each head parameter): the values are x's, and the head's parameters are
+        # in the graph of the model's output, where DDP(find_unused_parameters=True) looks for them.
+        return x + sum(p.reshape(-1)[0] for p in params) * 0.0
+    return forward
+
+
+def _head_unseen_by_ddp(model: nn.Module, head: nn.Module) -> list[torch.Tensor]:
+    """Trainable head parameters that DDP with ``find_unused_parameters`` would mark unused after the forward."""
+    if not (isinstance(model, nn.parallel.DistributedDataParallel) and model.find_unused_parameters):
+        return []
+    in_embeddings = {id(p) for p in _base(model).get_input_embeddings().parameters()}
+    return [p for p in head.parameters() if p.requires_grad and id(p) not in in_embeddings]
+
+
 @contextlib.contextmanager
 def output_head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, the output head of ``model`` returns its input; yields the head module.
@@ -230,12 +246,15 @@ def output_head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
     model's own forward, and any wrapper around it (DDP, Accelerate, peft), run unchanged and return
     the final hidden states where they would return logits. An instance-level ``forward`` that was
     there before (Accelerate's device hooks, hf_optcore's fused LoRA) is put back on exit, always.
+    Under ``DistributedDataParallel(find_unused_parameters=True)`` the bypass adds ``0 *`` one element
+    of each trainable head parameter, so DDP does not mark the head unused before its gradients arrive.
     """
     head = _base(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(_base(model)).__name__} has no output embeddings to bypass")
     own = head.__dict__.get("forward")
-    head.forward = _identity_forward
+    unseen = _head_unseen_by_ddp(model, head)
+    head.forward = _touching_forward(unseen) if unseen else _identity_forward
     try:
         yield head
     finally:

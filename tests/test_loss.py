@@ -273,3 +273,23 @@ def test_supports_logits_free_says_why_not():
     assert base_model(llama) is llama
     assert not supports_logits_free(torch.nn.Linear(2, 2))[0]
     assert tiny_config("llama").model_type in VERIFIED_MODEL_TYPES
+
+
+@pytest.mark.parametrize("find_unused", [True, False])
+def test_under_ddp_with_an_untied_trainable_head(tmp_path, find_unused):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = _model("llama", tie_word_embeddings=False)
+        inputs = _batch(11)
+        ref = _reference(model, inputs)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
+        for _ in range(2):  # a second step: DDP raises there when the first left a parameter marked twice
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1234)
+            loss, _ = causal_lm_loss(ddp, inputs, chunk_size=CHUNK)
+            loss.backward()
+            _assert_same(ref, (loss.detach(), _grads(model)))
+    finally:
+        dist.destroy_process_group()
