@@ -266,22 +266,30 @@ class CheckpointManager:
 
     # ---- load ---------------------------------------------------------------------------
 
-    def resolve(self, path_or_latest: str | os.PathLike = "latest") -> tuple[Path, dict[str, Any]]:
+    def resolve(self, path_or_latest: str | os.PathLike = "latest", verify: bool = True) -> tuple[Path, dict[str, Any]]:
         """A verified checkpoint and its manifest.
 
         ``"latest"`` walks back from the newest complete checkpoint past corrupt ones (warning
         with the bad file); an explicit path must itself verify.
 
+        Args:
+            path_or_latest: a ``checkpoint-<step>`` directory or ``"latest"``.
+            verify: check every file's size and sha256 (``False``: the manifest must only be there).
+
         Raises:
             CheckpointError: nothing complete and intact, naming every bad file found.
         """
+        check = storage.verify if verify else storage.require_manifest
         if str(path_or_latest) != "latest":
             path = Path(path_or_latest)
             if not path.is_dir():
-                raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a directory")
-            return path, storage.verify(path)
+                raise CheckpointError(f"Can't find a valid checkpoint at {str(path)!r}: it does not exist or is not a "
+                                      f"directory")
+            return path, check(path)
         problems = []
         for info in reversed(self.checkpoints()):
+            if not verify:
+                return info.path, info.manifest
             try:
                 manifest = storage.verify(info.path)
             except CheckpointError as exc:

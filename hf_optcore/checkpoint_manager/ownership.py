@@ -221,8 +221,8 @@ def _plan_auto(config: Any, owner: dict | None, complete: list[_Found], bare: li
         return StartPlan(run_id="", problems=[f"checkpoint.resume_from: 'auto' finds no intact checkpoint in "
                                               f"{out!r}: {'; '.join(errors)}"])
     if required:
-        return StartPlan(run_id="", problems=[f"checkpoint.resume_from: resume requested but no complete checkpoint "
-                                              f"of this directory's run in {out!r}"])
+        return StartPlan(run_id="", problems=[f"checkpoint.resume_from: No valid checkpoint found in output directory "
+                                              f"{out!r} (no complete checkpoint of this directory's run)"])
     if owner is not None and owner.get("last_checkpoint") is not None and bare and not config.checkpoint.overwrite:
         return StartPlan(run_id="", problems=[
             f"checkpoint.resume_from: run {owner['run_id']} committed checkpoints in {out!r} (the newest at step "

@@ -263,6 +263,14 @@ def list_unmanifested(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def require_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of ``path`` (no file check); CheckpointError when it has none."""
+    manifest = read_manifest(Path(path))
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {MANIFEST_NAME} is missing or unreadable")
+    return manifest
+
+
 def verify(path: str | os.PathLike) -> dict[str, Any]:
     """Check every file of a checkpoint against its manifest; return the manifest.
 
@@ -278,18 +286,21 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {str(root)!r}: manifest schema_version {manifest.get('schema_version')!r} is not "
             f"supported; this hf_optcore reads {SCHEMA_VERSION}"
         )
+    hint = (" (changed on purpose, e.g. re-sharded? delete its manifest.json to resume from it as a plain "
+            "transformers checkpoint)")
     for rel, entry in sorted(manifest["files"].items()):
         p = root / rel
         if not p.is_file():
-            raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} listed in the manifest is missing")
+            raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} listed in the manifest is missing{hint}")
         size = p.stat().st_size
         if size != entry["size"]:
             raise CheckpointError(
                 f"checkpoint {str(root)!r}: file {rel!r} is {size} bytes, the manifest says {entry['size']} "
-                f"(truncated or altered)"
+                f"(truncated or altered){hint}"
             )
         if sha256_of(p) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} does not match its sha256 in the manifest")
+            raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} does not match its sha256 in the "
+                                  f"manifest{hint}")
     return manifest
 
 

@@ -166,13 +166,14 @@ class TrainerCheckpointing:
         if arg is True or arg == "auto":
             self._warn_unmanifested(mgr)
             if mgr.latest() is not None:
-                path, manifest = mgr.resolve("latest")
+                path, manifest = mgr.resolve("latest", verify=self.config.verify)
             elif arg is True:
-                raise CheckpointError(f"resume requested but no complete checkpoint in {str(mgr.output_dir)!r}")
+                raise CheckpointError(f"No valid checkpoint found in output directory {str(mgr.output_dir)!r}: resume "
+                                      f"was requested but no complete checkpoint is there")
         elif arg:
             path = Path(arg)
             if storage.read_manifest(path) is not None or not (path / TRAINER_STATE).is_file():
-                path, manifest = mgr.resolve(path)
+                path, manifest = mgr.resolve(path, verify=self.config.verify)
             else:
                 logger.warning("resuming from %s, a checkpoint not written by hf_optcore: no integrity check, and "
                                "hf_optcore's components (EMA, sampler position, collate RNG) start fresh", path)

@@ -227,6 +227,8 @@ class CheckpointConfig:
     allow_changes: list[str] = _f(
         [], "Dotted config keys (or whole sections) a resume may change, e.g. [training.learning_rate, "
             "training.max_steps]; the new values run. Any other changed field refuses the resume.")
+    verify: bool = _f(True, "Check each file of a checkpoint (size, sha256) against its manifest before resuming "
+                            "from it; false resumes as transformers does, unchecked.")
     on_nonfinite: Literal["skip", "stop", "ignore"] = _f(
         "skip", "A non-finite loss or gradient: skip the step, or stop; 'ignore' steps on as transformers does.")
     max_consecutive_nonfinite: int = _f(5, "Stop after this many consecutive non-finite steps.")

@@ -281,7 +281,8 @@ def config_to_args(config: Any, **extra: Any) -> Any:
 
 
 _FAITHFUL = {"data.batching": "hf", "training.chunked_loss": False, "training.write_report": False,
-             "checkpoint.on_nonfinite": "ignore", "checkpoint.save_at_end": False, "checkpoint.keep_best": 0,
+             "checkpoint.on_nonfinite": "ignore", "checkpoint.verify": False, "checkpoint.save_at_end": False,
+             "checkpoint.keep_best": 0,
              "checkpoint.own_output_dir": False, "checkpoint.overwrite": True,
              "checkpoint.allow_topology_change": True}
 
