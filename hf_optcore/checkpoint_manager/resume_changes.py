@@ -289,8 +289,10 @@ def _fresh_optimizer_and_scheduler(trainer: Any) -> tuple[Any, Any]:
     """This run's optimizer and scheduler as the Trainer builds them (its own create_* methods), as throwaways.
 
     The live objects are set aside meanwhile and put back; no optimizer state is allocated (that happens at step).
+    The Trainer built its own scheduler in this train() (an optimizer passed in is never rebuilt), so the flags
+    that record it are already set and building another one leaves them as they are.
     """
-    names = ("optimizer", "lr_scheduler", "optimizer_manager", "_optcore_scheduler_built", "_created_lr_scheduler")
+    names = ("optimizer", "lr_scheduler", "optimizer_manager", "_optcore_scheduler_built")
     missing = object()
     saved = {name: trainer.__dict__.get(name, missing) for name in names}
     try:
