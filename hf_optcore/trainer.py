@@ -94,6 +94,9 @@ class OptCoreTrainer(Trainer):
     def _init_extensions(self) -> None:
         cfg = self.optcore_config
         verify_process_group(self.args, accelerator=self.accelerator)
+        if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
+            # Pinned memory only speeds up copies to an accelerator; on the CPU torch warns on every dataloader.
+            self.args.dataloader_pin_memory = False
         if cfg.training.write_report:
             self.add_callback(TrainingReportCallback(lambda: self.optcore_config))
         if self.pop_callback(ProgressCallback) is not None:

@@ -1,4 +1,5 @@
-"""A tiny training run for the crash tests: ``python tests/_checkpoint_train_script.py OUT [SIGTERM_AT_STEP]``.
+"""A tiny training run for the crash tests: ``python tests/_checkpoint_train_script.py OUT [AT_STEP [SIGNAL]]``
+(SIGNAL: SIGTERM by default, or SIGINT as a Ctrl-C sends it).
 
 Resumes automatically from OUT's latest complete checkpoint and writes the final weights to
 OUT/final.safetensors.
@@ -17,12 +18,12 @@ from tests._checkpoint_helpers import make_trainer  # noqa: E402
 
 
 class SignalAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, sig=signal.SIGTERM):
+        self.step, self.sig = step, sig
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step:  # arrives in the middle of that step
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.sig)
 
 
 def main():
@@ -30,7 +31,8 @@ def main():
     out = sys.argv[1]
     trainer = make_trainer(out, max_steps=10, every=2, keep_last=2, resume_from="auto")
     if len(sys.argv) > 2:
-        trainer.add_callback(SignalAt(int(sys.argv[2])))
+        sig = getattr(signal, sys.argv[3]) if len(sys.argv) > 3 else signal.SIGTERM
+        trainer.add_callback(SignalAt(int(sys.argv[2]), sig))
     trainer.train()
     from safetensors.torch import save_file
 

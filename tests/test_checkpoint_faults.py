@@ -114,6 +114,20 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_at_the_step_boundary_exits_130_and_resumes_exactly(tmp_path, uninterrupted):
+    r = _run(tmp_path, "5", "SIGINT")
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    where = [line for line in r.stdout.splitlines() if line.startswith("stopped by Ctrl-C")]
+    assert len(where) == 1 and "at step 5" in where[0] and "checkpoint-5" in where[0], r.stdout[-2000:]
+    assert (tmp_path / "checkpoint-5" / "manifest.json").is_file() and not (tmp_path / "final.safetensors").exists()
+    r = _run(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _final(tmp_path)
+    assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.slow
 def test_sigkill_inside_saves_always_resumes_from_a_complete_checkpoint(tmp_path, uninterrupted):
     env = {"HF_OPTCORE_CKPT_TEST_DELAY": "1.0"}
     # (n-th save, point inside it): each run is killed there, then restarted from what is on disk. transformers

@@ -26,9 +26,14 @@ TINY = [
 ]
 
 
-def test_main_on_tiny_model_and_bundled_data(tmp_path, capsys):
+def test_main_on_tiny_model_and_bundled_data(tmp_path, capsys, recwarn):
     out = tmp_path / "run"
     assert main([f"output_dir={out}", *TINY]) == 0
+    assert not [w for w in recwarn if "pin_memory" in str(w.message)]  # no accelerator: no pinning, no warning
+    # The report and trainer_state.json hold the evaluations before (step 0) and after training.
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [0, 30]
+    assert (out / "report.png").stat().st_size > 0 and "eval" in (out / "report.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["eval_before"]["eval_loss"], metrics["eval_after"]["eval_loss"]
     assert after < before - 0.5, (before, after)  # a random byte-level model learns English bytes fast

@@ -63,7 +63,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "batching": "bucket",
         "max_eval_samples": 32,
     },
-    "checkpoint": {"every_n_steps": 0, "keep_last": 1},
+    # The demo is meant to be rerun: a new run replaces the last one's checkpoint (checkpoint.overwrite).
+    "checkpoint": {"every_n_steps": 0, "keep_last": 1, "overwrite": True},
 }
 
 SAMPLE_TERMS = 3
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in getattr(exc, "problems", None) or [str(exc)]:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr)
+        return 130
     except OSError as exc:
         if debug or not config.training.push_to_hub:
             raise
@@ -196,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     sample_rows = [] if args.no_samples else _sample_prompts(_read_rows(config.data.eval_path, SAMPLE_TERMS))
     sample_rows = [r for r in sample_rows if isinstance(r.get("instruction"), str)]  # samples prompt instructions
 
-    before = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
-    samples_before = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
+    try:
+        before = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
+        samples_before = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr)
+        return 130
 
     from hf_optcore.checkpoint_manager.faults import NonFiniteError
 
@@ -216,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)  # e.g. a checkpoint found incompatible only now
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the user would not wait for the step to end
+        latest = trainer.optcore_checkpointing.manager.latest()
+        print(f"\naborted (second Ctrl-C) at step {trainer.state.global_step} without saving; "
+              + (f"the last checkpoint is {latest}" if latest else "no checkpoint was saved"), file=sys.stderr)
+        return 130
 
     after = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
     samples_after = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
@@ -239,11 +252,25 @@ def main(argv: list[str] | None = None) -> int:
             for b, a in zip(samples_before, samples_after)
         ]
         (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
+        if ran.training.write_report:
+            _write_report_with_evaluations(trainer, before, out, ran)
         _print_summary(before, after, samples, out)
         if ran.training.push_to_hub:
             status = push_result(model_mgr, trainer, tokenizer, ran, out, before, after, getattr(data_mgr, "stats", {}))
     trainer.accelerator.wait_for_everyone()
     return status
+
+
+def _write_report_with_evaluations(trainer, before: dict, out: Path, config: TrainerConfig) -> None:
+    """The report and trainer_state.json again, now with the evaluations around train(): the one before it (a new
+    TrainerState starts with train(), so it is put back at step 0) and the one after it."""
+    from hf_optcore.report import write_report
+
+    history = trainer.state.log_history
+    if before and not any(e.get("step") == 0 and "eval_loss" in e for e in history):
+        history.insert(0, {**before, "step": 0, "epoch": 0.0})
+    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    write_report(out, history, config)
 
 
 def push_result(model_mgr, trainer, tokenizer, config: TrainerConfig, out: Path, before: dict, after: dict,
