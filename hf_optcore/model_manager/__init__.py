@@ -33,6 +33,7 @@ from hf_optcore.model_manager.loading import (
     default_cache_root,
     resolve_source,
 )
+from hf_optcore.model_manager.cpu_memory import DEFAULT_MMAP_THRESHOLD, set_malloc_mmap_threshold
 from hf_optcore.model_manager.lora_fused import fuse_lora_layers
 from hf_optcore.model_manager.lora_targeting import LoRATargetError, LoRATargetReport, resolve_lora_targets
 
@@ -53,15 +54,20 @@ class ModelManager:
         device: where to put the model (default: leave it where it loads; the Trainer places it).
         fuse_lora: give peft's LoRA linear layers hf_optcore's fused forward (same results, fewer
             allocations; see :mod:`.lora_fused`); False keeps peft's forward.
+        cpu_mmap_threshold: when the model trains on CPU, :meth:`load_model` fixes glibc's mmap threshold
+            at this many bytes so freed activations go back to the OS instead of fragmenting the heap
+            (see :mod:`.cpu_memory`; process-wide); None leaves the C library's default.
 
     Call :meth:`load_tokenizer` before :meth:`load_model`: a pad token the tokenizer lacked and
     had to add is what makes :meth:`load_model` resize the embeddings.
     """
 
     def __init__(self, model_config: ModelConfig, hardware_config: HardwareConfig | None = None,
-                 training_config: TrainingConfig | None = None, device: Any = None, fuse_lora: bool = True):
+                 training_config: TrainingConfig | None = None, device: Any = None, fuse_lora: bool = True,
+                 cpu_mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD):
         self.config = model_config
         self.fuse_lora = fuse_lora
+        self.cpu_mmap_threshold = cpu_mmap_threshold
         self.hardware = hardware_config or HardwareConfig()
         self.training = training_config or TrainingConfig()
         self.device = torch.device(device) if device is not None else None
@@ -211,6 +217,21 @@ class ModelManager:
                 raise ModelLoadError(f"model.name_or_path: cannot load model {src.name!r}: {exc}") from exc
         if self.added_tokens and self.tokenizer is not None:
             self.resize_embeddings(model, len(self.tokenizer))
+        return self.prepare_model(model)
+
+    def prepare_model(self, model):
+        """Device, LoRA and activation checkpointing for a causal LM loaded here or built elsewhere.
+
+        What :meth:`load_model` does after loading: moves ``model`` to ``device``, wraps it with LoRA
+        when ``model.lora.enabled`` (fused forward, see :meth:`apply_lora`) and enables non-reentrant
+        checkpointing when ``model.gradient_checkpointing``; on CPU it also fixes the allocator's mmap
+        threshold (``cpu_mmap_threshold``).
+
+        Returns:
+            ``model``, or the ``peft.PeftModel`` wrapping it.
+        """
+        if self.cpu_mmap_threshold and not self._on_cuda():
+            set_malloc_mmap_threshold(self.cpu_mmap_threshold)
         if self.device is not None and not self.config.lora.load_in_4bit:
             model.to(self.device)
         if self.config.lora.enabled:
