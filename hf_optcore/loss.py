@@ -4,10 +4,10 @@ A causal LM's largest tensor is its logits: 8 x 512 tokens x 49k vocabulary is 0
 and the loss keeps two or three tensors that size alive at once (the logits, their log-softmax
 and its gradient). Here the model runs with its output head answering with its own input, so
 its forward returns the final hidden states; the real head is then applied to 1,024 label
-tokens at a time, each chunk's cross-entropy computed in float32 and the chunk's logits
-recomputed in the backward (``torch.utils.checkpoint``), so the largest tensor is
-``[chunk, vocabulary]``. Positions whose label is ``-100`` (prompts, padding, packed-row
-boundaries) never go through the head at all.
+tokens at a time, each chunk's cross-entropy computed in float32 and, in training, its gradient
+back-propagated through the head at once (the chunk's logits buffer becomes its gradient), so
+the largest tensor is one ``[chunk, vocabulary]`` float32 buffer and nothing is recomputed.
+Positions whose label is ``-100`` (prompts, padding, packed-row boundaries) never reach the head.
 
 Two layers:
 
@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -93,40 +92,104 @@ class LossStats:
 # ---- pure torch ---------------------------------------------------------------------------------
 
 
-class _ChunkRecorder:
-    """Statistics of each chunk, recorded on its first (forward) run and not again when recomputed in backward."""
+class _Recorder:
+    """Per-example ``[nll_sum, tokens, correct]`` sums and argmax predictions, filled chunk by chunk."""
 
     def __init__(self, rows: int, device: torch.device, want_preds: bool):
         self.stats = torch.zeros(rows, 3, dtype=torch.float64, device=device)
-        self.preds: list[torch.Tensor] = [] if want_preds else None
-        self.seen: set[int] = set()
+        self.preds: list[torch.Tensor] | None = [] if want_preds else None
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor, nll: torch.Tensor, example: torch.Tensor) -> None:
+        pred = logits.argmax(dim=-1)
+        rows = torch.stack([nll.double(), torch.ones_like(nll, dtype=torch.float64), (pred == target).double()], dim=1)
+        self.stats.index_add_(0, example, rows)
+        if self.preds is not None:
+            self.preds.append(pred)
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor, label_smoothing: float,
-                index: int, recorder: _ChunkRecorder | None, example: torch.Tensor | None) -> torch.Tensor:
-    # float32 however the head computes: the loss of transformers' ForCausalLMLoss upcasts the same way.
-    logits = head(hidden).float()
+def _chunk(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor, label_smoothing: float,
+           params: list[torch.Tensor], recorder: _Recorder | None, example: torch.Tensor | None, grad_hidden: bool):
+    """One chunk's summed loss and its gradients wrt ``hidden`` (when ``grad_hidden``) and ``params``.
+
+    The gradient of the loss wrt the logits is written into the float32 logits buffer itself
+    (softmax minus the smoothed one-hot), so a chunk holds one ``[chunk, V]`` float32 tensor (two
+    when the head computes in a lower precision).
+    """
+    want_grads = grad_hidden or bool(params)
+    h = hidden.detach().requires_grad_(grad_hidden)
+    with torch.set_grad_enabled(want_grads):
+        out = head(h)
+    # float32 however the head computes: transformers' ForCausalLMLoss upcasts the same way. For a float32
+    # head this is `out` itself, overwritten below (nothing in a linear head's backward reads its output).
+    logits = out.detach().float()
+    vocab = logits.shape[-1]
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1)
     if label_smoothing == 0.0:
-        loss = F.cross_entropy(logits, target, reduction="sum")
-        nll_rows = None
+        loss = nll.sum()
     else:
-        logp = F.log_softmax(logits, dim=-1)
-        nll_rows = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
-        smooth = -logp.sum(dim=-1)
-        # LabelSmoother: (1 - eps) * NLL + eps * mean over the vocabulary of -log p, per label token.
-        loss = (1.0 - label_smoothing) * nll_rows.sum() + (label_smoothing / logits.shape[-1]) * smooth.sum()
-    if recorder is not None and index not in recorder.seen:
-        recorder.seen.add(index)
-        with torch.no_grad():
-            if nll_rows is None:
-                nll_rows = F.cross_entropy(logits, target, reduction="none")
-            pred = logits.argmax(dim=-1)
-            rows = torch.stack([nll_rows.double(), torch.ones_like(nll_rows, dtype=torch.float64),
-                                (pred == target).double()], dim=1)
-            recorder.stats.index_add_(0, example, rows)
-            if recorder.preds is not None:
-                recorder.preds.append(pred)
-    return loss
+        # LabelSmoother: (1 - eps) * NLL + eps * mean over the vocabulary of -log p, per label token;
+        # sum_v -log p_v = V * lse - sum_v logit_v.
+        smooth = vocab * lse - logits.sum(dim=-1)
+        loss = (1.0 - label_smoothing) * nll.sum() + (label_smoothing / vocab) * smooth.sum()
+    if recorder is not None:
+        recorder.add(logits, target, nll, example)
+    if not want_grads:
+        return loss, None, []
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+    if label_smoothing:
+        grad.sub_(label_smoothing / vocab)
+    grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((target.shape[0], 1), label_smoothing - 1.0))
+    inputs = ([h] if h.requires_grad else []) + params
+    grads = torch.autograd.grad(out, inputs, grad_outputs=grad.to(out.dtype), allow_unused=True)
+    grad_h = grads[0] if h.requires_grad else None
+    return loss, grad_h, list(grads[1:] if h.requires_grad else grads)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed chunked cross-entropy whose gradients are computed chunk by chunk in the forward.
+
+    Each chunk's logits exist once: the forward turns them into the loss and, in place, into their
+    gradient, and back-propagates that through the head right away (no recomputation in the
+    backward); the backward only scales the stored gradients of the hidden states and of the head's
+    trainable parameters by the incoming gradient (the loss scale, 1 / num_items, ...).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, label_smoothing, chunk_size, recorder, example, *params):
+        n = targets.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            ex = example[start:end] if example is not None else None
+            part, g_h, g_p = _chunk(head, hidden[start:end], targets[start:end], label_smoothing, list(params),
+                                    recorder, ex, grad_hidden is not None)
+            loss += part
+            if grad_hidden is not None:
+                grad_hidden[start:end] = g_h
+            for i, g in enumerate(g_p):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        ctx.has_hidden_grad = grad_hidden is not None
+        ctx.param_has_grad = [g is not None for g in grad_params]
+        ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []),
+                              *[g for g in grad_params if g is not None])
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("the chunked loss's stored gradients were consumed by a first backward; "
+                               "backward through it twice (retain_graph) is not supported")
+        ctx.used = True
+        saved = list(ctx.saved_tensors)
+        # In place: these buffers were made for this backward, and scaling them costs no second copy.
+        grad_hidden = saved.pop(0).mul_(grad_loss) if ctx.has_hidden_grad else None
+        grads = [saved.pop(0).mul_(grad_loss) if has else None for has in ctx.param_has_grad]
+        return (grad_hidden, None, None, None, None, None, None, *grads)
 
 
 def chunked_linear_cross_entropy(
@@ -142,22 +205,24 @@ def chunked_linear_cross_entropy(
 ) -> tuple[torch.Tensor, LossStats | None]:
     """Summed cross-entropy of ``head(hidden)`` against ``targets``, ``chunk_size`` label tokens at a time.
 
+    With autograd on, each chunk's gradients (wrt ``hidden`` and the head's trainable parameters) are
+    computed in the forward as soon as its logits exist, and stored until the backward scales them:
+    no chunk is recomputed, and the largest tensor is one chunk's float32 logits.
+
     Args:
         hidden: ``[..., H]`` inputs of the head (for a causal LM, already aligned with ``targets``).
         head: the module producing logits from ``[n, H]`` (called as a module, so hooks and peft's
             LoRA layers run).
-        targets: ``hidden.shape[:-1]`` class indices; ``ignore_index`` rows are skipped entirely.
-        chunk_size: label tokens per head call; peak extra memory is about three ``[chunk, V]`` float32
-            tensors in the backward.
+        targets: ``hidden.shape[:-1]`` class indices; ``ignore_index`` rows never reach the head.
+        chunk_size: label tokens per head call.
         ignore_index: target value that takes no loss (default -100).
         label_smoothing: LabelSmoother's epsilon (0 = plain NLL).
-        return_stats: also return :class:`LossStats` (per leading row of a 2-D ``targets``, else one row).
+        return_stats: also return :class:`LossStats` (one row per leading index of a 2-D ``targets``).
         return_predictions: include argmax predictions in the stats (implies ``return_stats``).
 
     Returns:
         ``(loss_sum, stats_or_None)``: ``loss_sum`` is a float32 scalar, the *sum* over label tokens
-        (callers divide by their token count). With autograd on, each chunk's logits are recomputed in
-        the backward instead of being kept.
+        (callers divide by their token count). Backward through it once (no ``retain_graph`` reuse).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -167,34 +232,32 @@ def chunked_linear_cross_entropy(
     return_stats = return_stats or return_predictions
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).to(hidden.device)
-    valid = flat_targets != ignore_index
-    rows = valid.nonzero().squeeze(1)
+    rows = (flat_targets != ignore_index).nonzero().squeeze(1)
     n = rows.numel()
-    # One gather of the label rows (not one per chunk: each gather's backward writes a full-size gradient).
+    # One gather of the label rows (its backward is one scatter into a [tokens, H] gradient).
     if n == flat_targets.numel():
         h_valid, t_valid = flat_hidden, flat_targets
     else:
         h_valid, t_valid = flat_hidden.index_select(0, rows), flat_targets.index_select(0, rows)
     per_row = targets.shape[-1] if targets.dim() >= 2 else max(flat_targets.numel(), 1)
     n_examples = flat_targets.numel() // per_row if targets.dim() >= 2 else 1
-    recorder = _ChunkRecorder(n_examples, hidden.device, return_predictions) if return_stats else None
+    recorder = _Recorder(n_examples, hidden.device, return_predictions) if return_stats else None
     example = rows // per_row if return_stats else None
+    params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
 
     if n == 0:
         # Keep the head and the hidden states in the graph (DDP waits for every trainable parameter).
         loss_sum = head(flat_hidden[:1]).float().sum() * 0.0
+    elif torch.is_grad_enabled() and (h_valid.requires_grad or params):
+        loss_sum = _LinearCrossEntropy.apply(h_valid, t_valid, head, label_smoothing, chunk_size, recorder, example,
+                                             *params)
     else:
-        parts = []
-        use_ckpt = torch.is_grad_enabled() and (h_valid.requires_grad or any(p.requires_grad for p in head.parameters()))
-        for i, start in enumerate(range(0, n, chunk_size)):
-            h_c, t_c = h_valid[start:start + chunk_size], t_valid[start:start + chunk_size]
-            ex_c = example[start:start + chunk_size] if example is not None else None
-            if use_ckpt:
-                parts.append(checkpoint(_chunk_loss, head, h_c, t_c, label_smoothing, i, recorder, ex_c,
-                                        use_reentrant=False))
-            else:
-                parts.append(_chunk_loss(head, h_c, t_c, label_smoothing, i, recorder, ex_c))
-        loss_sum = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        loss_sum = h_valid.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk_size):
+            ex = example[start:start + chunk_size] if example is not None else None
+            part, _, _ = _chunk(head, h_valid[start:start + chunk_size], t_valid[start:start + chunk_size],
+                                label_smoothing, [], recorder, ex, False)
+            loss_sum += part
 
     stats = None
     if recorder is not None:
@@ -360,6 +423,9 @@ def causal_lm_loss(
       per label token, normalised the same way.
     - A MoE model's router auxiliary loss is added as its forward adds it with labels
       (``router_aux_loss_coef * aux_loss``, when it returns one).
+    - With autograd on, the head's share of the backward runs inside this call (chunk by chunk) and
+      its results wait for ``loss.backward()``, which may run once; under ``torch.no_grad()``
+      (evaluation) only the loss and statistics are computed.
     - Call only where :func:`supports_logits_free` is true; a user's ``compute_loss`` or
       ``compute_loss_func`` takes precedence (the caller then does not call this at all).
 

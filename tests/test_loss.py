@@ -174,7 +174,7 @@ def test_stats_equal_the_evaluators_full_logits_statistics():
     assert stats.num_correct.item() == ((ref_preds == inputs["labels"][:, 1:]) & (ref_preds != -100)).sum().item()
 
 
-def test_stats_in_training_are_recorded_once_despite_recomputation():
+def test_stats_in_training_are_recorded_once_and_kept_after_backward():
     model = _model("llama")
     inputs = _batch(9)
     loss, stats = causal_lm_loss(model, inputs, chunk_size=CHUNK, return_stats=True)
@@ -293,3 +293,22 @@ def test_under_ddp_with_an_untied_trainable_head(tmp_path, find_unused):
             _assert_same(ref, (loss.detach(), _grads(model)))
     finally:
         dist.destroy_process_group()
+
+
+def test_bfloat16_model_matches_its_own_float32_upcast_loss():
+    model = _model("llama").to(torch.bfloat16)
+    inputs = _batch(12)
+    (l_ref, g_ref), (l_ours, g_ours) = _reference(model, inputs), _ours(model, inputs)
+    assert l_ref.dtype == l_ours.dtype == torch.float32
+    assert abs(l_ours.item() - l_ref.item()) <= 1e-5 * abs(l_ref.item())  # the same bf16 logits, upcast alike
+    for name, g in g_ref.items():
+        assert g_ours[name].dtype == torch.bfloat16
+        assert (g_ours[name].float() - g.float()).abs().max() <= 2e-2 * g.float().abs().max(), name
+
+
+def test_a_second_backward_through_the_loss_is_refused():
+    model = _model("llama")
+    loss, _ = causal_lm_loss(model, _batch(13), chunk_size=CHUNK)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
