@@ -73,6 +73,6 @@ def test_two_processes_train_exactly_the_one_process_double_batch_with_evaluatio
         assert abs(one["losses"][step] - two["losses"][step]) < 1e-5, (step, one["losses"], two["losses"])
     # The evaluations (before training and at steps 2, 4, 6) are token-weighted over every rank: equal too.
     assert abs(one["before"] - two["before"]) < 1e-5
-    assert sorted(one["evals"]) == sorted(two["evals"]) == [2, 4, 6]
+    assert sorted(one["evals"]) == sorted(two["evals"]) == [0, 2, 4, 6]  # before training, then every 2 steps
     for step in one["evals"]:
         assert abs(one["evals"][step] - two["evals"][step]) < 1e-5, (step, one["evals"], two["evals"])

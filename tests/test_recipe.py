@@ -121,3 +121,14 @@ def test_embedded_default_on_the_real_model(tmp_path):
     assert metrics["eval_after"]["eval_loss"] < metrics["eval_before"]["eval_loss"]
     assert (out / "adapter_config.json").is_file() and (out / "config.yaml").is_file()
     assert "eval perplexity" in proc.stdout
+
+
+def test_the_embedded_default_reruns_into_its_own_directory(tmp_path):
+    """The demo (no --config) is meant to be rerun: the second run replaces the first one's checkpoint; a run from
+    a config file would refuse instead (tests/test_run_ownership.py)."""
+    out = tmp_path / "run"
+    short = [f"output_dir={out}", *[o for o in TINY if not o.startswith("training.max_steps")], "training.max_steps=2",
+             "--no-samples"]
+    assert main(short) == 0
+    assert main([*short, "training.seed=3"]) == 0
+    assert json.loads((out / "run.json").read_text())["config_fingerprint"]  # the second run owns it now

@@ -94,7 +94,7 @@ def _tiny_trainer(tmp_path, args, **kw):
 
 
 def test_users_training_arguments_win_where_the_config_holds_its_defaults(tmp_path):
-    """The issue's case: TrainingArguments(lr=1e-5, weight_decay=0.3, linear) beside a TrainerConfig whose own
+    """A user's TrainingArguments(lr=1e-5, weight_decay=0.3, linear) beside a TrainerConfig whose own
     defaults are 2e-4 / 0 / cosine: the user's values are what runs and what trainer.args says."""
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-5, weight_decay=0.3,
                              lr_scheduler_type="linear", use_cpu=True, report_to="none", max_steps=4)

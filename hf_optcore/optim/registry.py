@@ -186,7 +186,7 @@ def get_optimizer_info(name: str) -> OptimizerInfo:
 
 
 def list_optimizers(
-    filter: Optional[str] = None,  # noqa: A002 - timm's and the issue's word
+    filter: Optional[str] = None,  # noqa: A002 - timm's name for it
     include_aliases: bool = True,
     available_only: bool = False,
 ) -> list[str]:

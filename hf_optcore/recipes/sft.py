@@ -63,8 +63,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "batching": "bucket",
         "max_eval_samples": 32,
     },
-    # The demo is meant to be rerun: a new run replaces the last one's checkpoint (checkpoint.overwrite).
-    "checkpoint": {"every_n_steps": 0, "keep_last": 1, "overwrite": True},
+    "checkpoint": {"every_n_steps": 0, "keep_last": 1},
 }
 
 SAMPLE_TERMS = 3
@@ -83,8 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> TrainerConfig:
-    """Embedded default, then the YAML file, then the overrides; validated once."""
-    return TrainerConfig.from_sources(args.config, args.overrides, base=DEFAULT_CONFIG)
+    """Embedded default, then the YAML file, then the overrides; validated once.
+
+    The embedded default alone (no ``--config``) is the demo, meant to be rerun: a rerun replaces the
+    previous demo run's checkpoint (``checkpoint.overwrite``) instead of refusing. With a config file a
+    run owns its directory as always.
+    """
+    base = DEFAULT_CONFIG if args.config else {**DEFAULT_CONFIG,
+                                                "checkpoint": {**DEFAULT_CONFIG["checkpoint"], "overwrite": True}}
+    return TrainerConfig.from_sources(args.config, args.overrides, base=base)
 
 
 def _resolve_paths(config: TrainerConfig) -> None:
