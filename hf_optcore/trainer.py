@@ -34,9 +34,9 @@ from hf_optcore.callbacks import (
     TrainingReportCallback,
 )
 from hf_optcore.config import ConfigError, OptCoreTrainingArguments, TrainerConfig
-from hf_optcore.config.training_args import merge_arguments
+from hf_optcore.config.conversion import merge_arguments
 from hf_optcore.distributed import prepare_process_group, verify_process_group
-from hf_optcore.evaluator import EvalTotals, causal_lm_label_counts
+from hf_optcore.evaluator.totals import EvalTotals, causal_lm_label_counts
 from hf_optcore.optim import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)

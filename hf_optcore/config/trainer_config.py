@@ -133,7 +133,7 @@ class TrainerConfig:
         Lossless: ``TrainerConfig.from_training_arguments(config.to_training_arguments()) == config``.
         ``extra`` sets TrainingArguments fields on top (``disable_tqdm=True``, ``hub_token=...``).
         """
-        from hf_optcore.config.training_args import config_to_args
+        from hf_optcore.config.conversion import config_to_args
 
         return config_to_args(self, **extra)
 
@@ -146,7 +146,7 @@ class TrainerConfig:
         ``save_total_limit``); the overrides switch on what you want
         (``["ema.enabled=true", "data.batching=bucket"]``). ``hub_token`` is never copied.
         """
-        from hf_optcore.config.training_args import args_to_config
+        from hf_optcore.config.conversion import args_to_config
 
         return args_to_config(args, overrides)
 

@@ -1,0 +1,206 @@
+"""Per-token evaluation statistics shared by the Trainer's evaluation and the standalone :class:`Evaluator`.
+
+:class:`EvalTotals` adds up one evaluation pass of the Trainer (token-weighted loss, NLL, tokens, argmax hits
+over every batch and rank); :func:`token_statistics` computes per-example statistics from logits (the path
+for models the chunked loss does not cover); :func:`load_eval_metrics` loads ``evaluate`` metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+__all__ = ["EvalTotals", "causal_lm_label_counts", "load_eval_metrics", "token_statistics"]
+
+
+def token_statistics(logits: torch.Tensor, labels: torch.Tensor,
+                     shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ``[nll_sum, tokens, correct]`` (float64, shape ``[B, 3]``) and shifted predictions.
+
+    Args:
+        logits: ``[B, T, V]`` next-token logits.
+        labels: ``[B, T]`` labels, ``-100`` where no loss is taken (shifted by one here, as
+            Hugging Face causal LMs do inside their loss).
+        shifted: ``labels`` are already the next-token targets (a collator's ``shift_labels``).
+
+    Returns:
+        ``(stats, predictions)``; ``predictions`` is ``[B, T - 1]`` (``[B, T]`` when shifted) argmax
+        with ``-100`` where the label is ignored.
+    """
+    if shifted:
+        logits, target = logits.float(), labels.to(logits.device)
+    else:
+        logits = logits[:, :-1, :].float()
+        target = labels[:, 1:].to(logits.device)
+    mask = target != IGNORE_INDEX
+    nll = nn.functional.cross_entropy(
+        logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    pred = logits.argmax(dim=-1)
+    stats = torch.stack(
+        [nll.double().sum(1), mask.sum(1).double(), ((pred == target) & mask).sum(1).double()], dim=1
+    )
+    return stats, pred.masked_fill(~mask, IGNORE_INDEX)
+
+
+def causal_lm_label_counts(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
+    """Per-example numbers of label tokens of a causal-LM batch (after the shift), or None when the batch
+    holds no token labels of a causal LM (then its loss is not a token loss and is not weighted here)."""
+    shift = inputs.get("shift_labels") if hasattr(inputs, "get") else None
+    if isinstance(shift, torch.Tensor):
+        return (shift != IGNORE_INDEX).sum(-1)
+    labels = inputs.get("labels") if hasattr(inputs, "get") else None
+    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.is_floating_point():
+        return None
+    if isinstance(ids, torch.Tensor) and ids.shape != labels.shape:
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from hf_optcore.wrapping import base_model
+
+    if type(base_model(model)).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return None
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+class EvalTotals:
+    """The sums of one evaluation pass: token-weighted loss, NLL, tokens and argmax hits over every rank.
+
+    The Trainer feeds it per batch: :meth:`begin_batch` with the batch's per-example label-token
+    counts, then whatever the loss path knows exactly (:meth:`observe_outputs` with the model's
+    logits, or :meth:`observe_stats` from a logits-free loss), then :meth:`end_batch` with the
+    batch loss. Without exact statistics the batch's loss counts for each of its tokens (its token
+    mean times its tokens), so a user's ``compute_loss`` or ``compute_loss_func`` is still weighted
+    by tokens. Per-example sums are gathered with ``gather_for_metrics``, which drops the examples
+    that Accelerate repeated to even out the last batch across ranks.
+
+    Args:
+        accelerator: the Trainer's ``Accelerator`` (None: one process).
+        metrics: ``evaluate`` metric names, paths or modules computed on next-token predictions.
+    """
+
+    def __init__(self, accelerator: Any = None, metrics: Iterable[Any] = ()):
+        self.accelerator = accelerator
+        self.totals = torch.zeros(4, dtype=torch.float64)  # loss sum, NLL sum, tokens, correct
+        self.exact = True
+        self.loss_only = True  # the batch's logits are not wanted (no compute_metrics): the chunked loss may run
+        self.modules = load_eval_metrics(metrics)
+        self._counts: torch.Tensor | None = None
+        self._stats: torch.Tensor | None = None
+        self._preds: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def begin_batch(self, counts: torch.Tensor) -> None:
+        self._counts, self._stats, self._preds = counts, None, None
+
+    def observe_stats(self, stats: torch.Tensor, predictions: torch.Tensor | None = None,
+                      labels: torch.Tensor | None = None) -> None:
+        """Exact per-example ``[nll_sum, tokens, correct]`` (and shifted predictions/labels) of the batch."""
+        if self._counts is None:
+            return
+        self._stats = stats.detach().double()
+        if predictions is not None and labels is not None:
+            self._preds = (predictions, labels)
+
+    def observe_outputs(self, outputs: Any, inputs: dict[str, Any]) -> None:
+        """The model's outputs of the batch: statistics from its logits, one example at a time (no full upcast)."""
+        logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        labels = inputs.get("shift_labels")
+        shifted = labels is not None
+        if labels is None:
+            labels = inputs.get("labels")
+        if self._counts is None or not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            return
+        rows, preds = [], []
+        for i in range(logits.shape[0]):
+            stats, pred = token_statistics(logits[i:i + 1], labels[i:i + 1], shifted=shifted)
+            rows.append(stats)
+            preds.append(pred)
+        self.observe_stats(torch.cat(rows), torch.cat(preds), labels if shifted else labels[:, 1:])
+
+    def end_batch(self, loss: torch.Tensor | None) -> None:
+        counts = self._counts
+        if counts is None:
+            return
+        n = counts.double().cpu()
+        if self._stats is not None:
+            nll, tokens, correct = self._stats.cpu().unbind(-1)
+            # A loss with label smoothing is not the NLL: its value (the batch's token mean) is what is weighted.
+            smoothed = loss is not None and self._label_smoothed(loss, nll, tokens)
+            loss_sum = float(loss) * n if smoothed else nll
+        else:
+            self.exact = False
+            loss_sum = (float(loss) if loss is not None else float("nan")) * n
+            nll, tokens, correct = loss_sum, n, torch.zeros_like(n)
+        rows = torch.stack([loss_sum, nll, tokens, correct], dim=-1)
+        if self.accelerator is not None:
+            rows = self.accelerator.gather_for_metrics(rows.to(self.accelerator.device)).cpu()
+        self.totals += rows.sum(0)
+        if self._preds is not None and self.modules:
+            self._add_to_metrics(*self._preds)
+        self._counts = self._stats = self._preds = None
+
+    @staticmethod
+    def _label_smoothed(loss: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor) -> bool:
+        total = float(tokens.sum())
+        return total > 0 and not math.isclose(float(loss), float(nll.sum()) / total, rel_tol=1e-4, abs_tol=1e-6)
+
+    def _add_to_metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            acc = self.accelerator
+            preds = acc.gather_for_metrics(acc.pad_across_processes(preds.to(acc.device), dim=1, pad_index=IGNORE_INDEX))
+            labels = acc.gather_for_metrics(acc.pad_across_processes(labels.contiguous().to(acc.device), dim=1,
+                                                                     pad_index=IGNORE_INDEX))
+        mask = labels.reshape(-1) != IGNORE_INDEX
+        p, r = preds.reshape(-1)[mask].tolist(), labels.reshape(-1).to(preds.device)[mask].tolist()
+        for module in self.modules:
+            module.add_batch(predictions=p, references=r)
+
+    def metrics(self) -> dict[str, float]:
+        """``loss``, ``perplexity``, ``num_tokens`` and, where every batch had exact statistics, ``token_accuracy``
+        and the extra metrics; empty when no batch was counted."""
+        loss_sum, nll, tokens, correct = self.totals.tolist()
+        if tokens == 0:
+            return {}
+        loss = loss_sum / tokens
+        mean_nll = nll / tokens
+        out = {"loss": loss, "perplexity": math.exp(mean_nll) if mean_nll < 700 else float("inf"),
+               "num_tokens": int(tokens)}
+        if self.exact:
+            out["token_accuracy"] = correct / tokens
+            for module in self.modules:
+                for key, value in (module.compute() or {}).items():
+                    out[key if key not in out else f"{getattr(module, 'name', 'metric')}_{key}"] = value
+        return out
+
+
+def load_eval_metrics(names: Iterable[Any]) -> list[Any]:
+    """Load ``evaluate`` metrics by name or local script path (objects with ``compute`` pass through).
+
+    Hub names (``"accuracy"``) need network access the first time; a local path to a metric
+    script or folder works offline.
+    """
+    modules = []
+    for name in names:
+        if hasattr(name, "compute") and hasattr(name, "add_batch"):
+            modules.append(name)
+            continue
+        try:
+            import evaluate
+        except ImportError as exc:  # pragma: no cover - evaluate is a dependency
+            raise ImportError(f"training.eval_metrics: {name!r} needs the `evaluate` package ({exc})") from exc
+        try:
+            # In memory: every rank computes on gathered predictions, so no shared cache files.
+            modules.append(evaluate.load(name, keep_in_memory=True))
+        except Exception as exc:
+            raise ValueError(
+                f"training.eval_metrics: cannot load evaluate metric {name!r} ({type(exc).__name__}: {exc}); "
+                "valid: an `evaluate` metric name (needs network the first time) or a local metric script path"
+            ) from exc
+    return modules
