@@ -31,6 +31,7 @@ __all__ = [
     "prepare_process_group",
     "requested_backend_fallback",
     "verify_process_group",
+    "wrap_for_data_parallel_before_training",
 ]
 
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -239,3 +240,22 @@ def requested_backend_fallback(distributed_type: Any, environ: dict[str, str] | 
                     "model is replicated on every process, not sharded. FSDP and DeepSpeed need GPUs; see "
                     "scripts/gpu_check.py")
     return None
+
+
+def wrap_for_data_parallel_before_training(trainer: Any) -> None:
+    """Wrap ``trainer``'s model for DDP before an evaluation that precedes training.
+
+    transformers' evaluation_loop prepares an unprepared model with Accelerate in evaluation mode,
+    which marks it prepared without wrapping it; train() then gets the bare model back from
+    Accelerate and each rank trains alone on its shard (measured: per-step losses of 2 processes x
+    batch 4 drift from 1 process x batch 8 by 6e-3 within 6 steps). Prepared for training here,
+    the model is evaluated unwrapped (under no_grad) and train() finds it already wrapped.
+    """
+    from accelerate.utils import DistributedType
+
+    ddp = {DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU,
+           DistributedType.MULTI_NPU, DistributedType.MULTI_MLU, DistributedType.MULTI_SDAA,
+           DistributedType.MULTI_MUSA, DistributedType.MULTI_HPU, DistributedType.MULTI_NEURON}
+    if (not trainer.is_in_train and trainer.model_wrapped is trainer.model and trainer.args.world_size > 1
+            and trainer.accelerator.distributed_type in ddp and any(p.requires_grad for p in trainer.model.parameters())):
+        trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)

@@ -33,28 +33,15 @@ from hf_optcore.callbacks import (
     ThroughputProgressCallback,
     TrainingReportCallback,
 )
-from hf_optcore.config import ConfigError, OptCoreTrainingArguments, TrainerConfig
-from hf_optcore.config.conversion import merge_arguments
-from hf_optcore.distributed import prepare_process_group, verify_process_group
+from hf_optcore.config import OptCoreTrainingArguments, TrainerConfig
+from hf_optcore.config.conversion import resolve_arguments
+from hf_optcore.distributed import prepare_process_group, verify_process_group, wrap_for_data_parallel_before_training
 from hf_optcore.evaluator.totals import EvalTotals, causal_lm_label_counts
 from hf_optcore.optim import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GenericTrainer", "OptCoreTrainer"]
-
-
-def _resolve_arguments(args: Any, optcore_config: TrainerConfig | None) -> Any:
-    """The arguments the Trainer holds: ours when any extension is asked for, else the caller's own."""
-    if isinstance(args, TrainerConfig):
-        if optcore_config is not None:
-            raise ConfigError(["pass the TrainerConfig either as args or as optcore_config, not both"])
-        return args.to_training_arguments()
-    if optcore_config is None:
-        return args
-    if args is None:
-        return optcore_config.to_training_arguments()
-    return merge_arguments(args, optcore_config)
 
 
 class OptCoreTrainer(Trainer):
@@ -77,7 +64,7 @@ class OptCoreTrainer(Trainer):
         optcore_config: TrainerConfig | None = None,
         **kwargs: Any,
     ):
-        args = _resolve_arguments(args, optcore_config)
+        args = resolve_arguments(args, optcore_config)
         self._optcore_on = isinstance(args, OptCoreTrainingArguments)
         # Components whose state goes into every checkpoint, by key (each has state_dict() / load_state_dict()).
         self.optcore_state: dict[str, Any] = {}
@@ -225,7 +212,7 @@ class OptCoreTrainer(Trainer):
                         metric_key_prefix: str = "eval"):
         if not self._optcore_on:
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        self._prepare_for_data_parallel_training()
+        wrap_for_data_parallel_before_training(self)  # an evaluation before train() must not break DDP
         # transformers' loop, with the loss weighted by tokens over every batch and rank; then the same loop
         # with the EMA weights swapped in, reported beside the live metrics (one log, one on_evaluate).
         output = self._token_weighted_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
@@ -260,24 +247,6 @@ class OptCoreTrainer(Trainer):
             totals, self._optcore_eval = self._optcore_eval, None
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in totals.metrics().items()})
         return output
-
-    def _prepare_for_data_parallel_training(self) -> None:
-        """Wrap the model for DDP before an evaluation that precedes training.
-
-        transformers' evaluation_loop prepares an unprepared model with Accelerate in evaluation mode,
-        which marks it prepared without wrapping it; train() then gets the bare model back from
-        Accelerate and each rank trains alone on its shard (measured: per-step losses of 2 processes x
-        batch 4 drift from 1 process x batch 8 by 6e-3 within 6 steps). Prepared for training here,
-        the model is evaluated unwrapped (under no_grad) and train() finds it already wrapped.
-        """
-        from accelerate.utils import DistributedType
-
-        ddp = {DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU,
-               DistributedType.MULTI_NPU, DistributedType.MULTI_MLU, DistributedType.MULTI_SDAA,
-               DistributedType.MULTI_MUSA, DistributedType.MULTI_HPU, DistributedType.MULTI_NEURON}
-        if (not self.is_in_train and self.model_wrapped is self.model and self.args.world_size > 1
-                and self.accelerator.distributed_type in ddp and any(p.requires_grad for p in self.model.parameters())):
-            self.model_wrapped = self.accelerator.prepare_model(self.model)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         totals = self._optcore_eval

@@ -29,7 +29,7 @@ from hf_optcore.config.training_args import (
     field_links,
 )
 
-__all__ = ["args_to_config", "config_to_args", "merge_arguments"]
+__all__ = ["args_to_config", "config_to_args", "merge_arguments", "resolve_arguments"]
 
 def config_to_args(config: Any, **extra: Any) -> Any:
     """``TrainerConfig`` -> ``OptCoreTrainingArguments`` (lossless: :func:`args_to_config` inverts it).
@@ -212,3 +212,23 @@ def merge_arguments(args: Any, config: Any) -> Any:
         if key in _hf_fields() and _plain(getattr(args, key, None)) == value:
             keep[key] = copy.deepcopy(getattr(args, key))
     return config_to_args(merged, **keep)
+
+
+def _trainer_config() -> type:
+    from hf_optcore.config.trainer_config import TrainerConfig
+
+    return TrainerConfig
+
+
+def resolve_arguments(args: Any, optcore_config: Any) -> Any:
+    """The arguments ``OptCoreTrainer(model, args, optcore_config=...)`` holds: ours when any extension is asked
+    for (a TrainerConfig as ``args``, or an ``optcore_config``), else the caller's own."""
+    if isinstance(args, _trainer_config()):
+        if optcore_config is not None:
+            raise ConfigError(["pass the TrainerConfig either as args or as optcore_config, not both"])
+        return args.to_training_arguments()
+    if optcore_config is None:
+        return args
+    if args is None:
+        return optcore_config.to_training_arguments()
+    return merge_arguments(args, optcore_config)
