@@ -10,7 +10,9 @@ frees those in an order that fragments the heap: measured on SmolLM2-135M, one s
 tokens, the process peak was 0.7 GiB (full fine-tuning) to 4.2 GiB (peft LoRA) above the most tensor
 memory alive at any moment. Fixing the threshold at 1 MiB maps and unmaps every large tensor, so the
 peak follows the live tensors; small tensors still come from the heap. The cost is a page fault per
-4 KiB page of each new large tensor, paid in kernel time (benchmarks/results/lora_memory.md).
+4 KiB page of each new large tensor: with LoRA + checkpointing on that shape, 9 million faults and
+1.5x the step time on 2 cores (benchmarks/results/lora_memory.md). It is therefore opt-in
+(``ModelManager(cpu_mmap_threshold=...)``), for runs that must fit a memory limit.
 """
 
 from __future__ import annotations
