@@ -11,7 +11,9 @@ two kinds of step run, each case in a fresh process so one case's allocations ca
   model's own loss (``hf``), the model hf_optcore's ``ModelManager`` builds with the model's own loss
   (``optcore``), and the same with hf_optcore's chunked, logits-free loss (``optcore + chunked``);
 - **Trainer step** (forward, backward, AdamW step): ``transformers.Trainer`` on the plain model, and
-  ``OptCoreTrainer`` on the ``ModelManager`` model with ``training.chunked_loss`` off and on.
+  ``OptCoreTrainer`` on the ``ModelManager`` model with ``training.chunked_loss`` off and on;
+- **evaluation** (LoRA only, the demo's model): ``evaluate()`` over the 115 held-out Jargon terms,
+  ``transformers.Trainer`` on the plain peft model against ``OptCoreTrainer`` (token-weighted, chunked).
 
 Memory on CPU is the process's peak resident set (``VmHWM``) over the measured steps, absolute
 (model and runtime included, what a user sees) and above the resident set just before; on CUDA it
@@ -35,11 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MODES = ("full", "full_gc", "lora", "lora_gc")
 CASES = (("bare", "hf"), ("bare", "optcore"), ("bare", "optcore+chunked"),
-         ("trainer", "hf"), ("trainer", "optcore"), ("trainer", "optcore+chunked"))
+         ("trainer", "hf"), ("trainer", "optcore"), ("trainer", "optcore+chunked"),
+         ("eval", "hf"), ("eval", "optcore+chunked"))
+EVAL_BATCH = 16  # the recipe's per_device_eval_batch_size
 LABELS = {("bare", "hf"): "transformers + peft, model's loss", ("bare", "optcore"): "hf_optcore model, model's loss",
           ("bare", "optcore+chunked"): "hf_optcore model + chunked loss",
           ("trainer", "hf"): "transformers.Trainer", ("trainer", "optcore"): "OptCoreTrainer, chunked_loss=false",
-          ("trainer", "optcore+chunked"): "OptCoreTrainer (chunked_loss=true)"}
+          ("trainer", "optcore+chunked"): "OptCoreTrainer (chunked_loss=true)",
+          ("eval", "hf"): "transformers.Trainer.evaluate()", ("eval", "optcore+chunked"): "OptCoreTrainer.evaluate()"}
 PRESETS = {
     "quick": {"model": "config:llama-49k", "batch": 4, "seq_len": 512, "steps": 2},
     "full": {"model": "bundled:smollm2-135m-instruct", "batch": 8, "seq_len": 512, "steps": 2},
@@ -170,6 +175,8 @@ def _child(spec: dict) -> dict:
     meter = _Meter(spec["cuda"])
     times, losses = [], []
 
+    if spec["kind"] == "eval":
+        return _eval_case(spec, model, cfg, out, meter, trainable, device)
     if spec["kind"] == "bare":
         from hf_optcore.loss import causal_lm_loss
 
@@ -233,6 +240,40 @@ def _child(spec: dict) -> dict:
             "loss": round(losses[-1], 5), "device": device.type}
 
 
+def _eval_case(spec: dict, model, cfg, out: str, meter: _Meter, trainable: int, device) -> dict:
+    """``evaluate()`` over the recipe's held-out Jargon terms (all 115), tokenized as the recipe does."""
+    from hf_optcore.config import DataConfig, HardwareConfig, ModelConfig, TrainingConfig
+    from hf_optcore.data.collator import PaddingCollator
+    from hf_optcore.data_manager import DataManager
+    from hf_optcore.model_manager import ModelManager
+
+    tok = ModelManager(ModelConfig(name_or_path="bundled:smollm2-135m-instruct")).load_tokenizer()
+    data = DataConfig(train_path=str(REPO / "data/jargon/eval.jsonl"), eval_path=str(REPO / "data/jargon/eval.jsonl"),
+                      format="instruction", max_seq_len=spec["seq_len"], max_train_samples=8)
+    _, eval_ds = DataManager(TrainingConfig(), HardwareConfig(), tok, data_config=data).load_datasets()
+    collate = PaddingCollator(tok.pad_token_id)
+    if spec["stack"] == "hf":
+        from transformers import Trainer, TrainingArguments
+
+        args = TrainingArguments(output_dir=out, per_device_eval_batch_size=EVAL_BATCH, report_to=[],
+                                 use_cpu=not spec["cuda"], disable_tqdm=True, dataloader_pin_memory=spec["cuda"],
+                                 remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, eval_dataset=eval_ds, data_collator=collate)
+    else:
+        from hf_optcore.trainer import OptCoreTrainer
+
+        cfg.training.per_device_eval_batch_size = EVAL_BATCH
+        trainer = OptCoreTrainer(model=model, args=cfg, eval_dataset=eval_ds, data_collator=collate)
+    meter.start()
+    t0 = time.perf_counter()
+    metrics = trainer.evaluate()
+    seconds = time.perf_counter() - t0
+    mem = meter.stop()
+    return {**{k: spec[k] for k in ("kind", "stack", "mode")}, **mem, "trainable_params": trainable,
+            "step_seconds": round(seconds, 3), "all_step_seconds": [round(seconds, 3)],
+            "loss": round(metrics["eval_loss"], 5), "eval_examples": len(eval_ds), "device": device.type}
+
+
 def run(quick: bool = True, only: str | None = None, modes: tuple[str, ...] = MODES, steps: int | None = None,
         threads: int = 2, cpu_mmap_threshold: int | None = None) -> dict:
     """Every (mode, case) in a fresh process; returns the rows and the ratios the README quotes."""
@@ -247,7 +288,7 @@ def run(quick: bool = True, only: str | None = None, modes: tuple[str, ...] = MO
     rows = []
     for mode in modes:
         for kind, stack in CASES:
-            if only and kind != only:
+            if (only and kind != only) or (kind == "eval" and mode != "lora"):  # evaluation: the demo's LoRA model
                 continue
             spec = {**preset, "mode": mode, "kind": kind, "stack": stack, "threads": threads,
                     "cpu_mmap_threshold": cpu_mmap_threshold}
@@ -290,7 +331,9 @@ def to_markdown(res: dict) -> str:
              "with full fine-tuning (`vs full`).", ""]
     names = {"full": "full fine-tune", "full_gc": "full + checkpointing", "lora": "LoRA r=16 all-linear",
              "lora_gc": "LoRA + checkpointing"}
-    for kind, title in (("bare", "Bare step (forward + backward)"), ("trainer", "Trainer step (AdamW)")):
+    for kind, title in (("bare", "Bare step (forward + backward)"), ("trainer", "Trainer step (AdamW)"),
+                        ("eval", f"Evaluation of the 115 held-out Jargon terms, batch {EVAL_BATCH} (time: the whole "
+                                 "evaluate())")):
         rows = [r for r in res["rows"] if r["kind"] == kind]
         if not rows:
             continue
@@ -308,7 +351,7 @@ def to_markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4-layer model from config, batch 4 x 512 (shared CPU)")
-    ap.add_argument("--only", choices=["bare", "trainer"], help="only bare steps or only Trainer steps")
+    ap.add_argument("--only", choices=["bare", "trainer", "eval"], help="only bare steps, Trainer steps or evaluations")
     ap.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     ap.add_argument("--steps", type=int, help="steps per case (default 2; the last one is timed)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per case (default 2)")
