@@ -275,7 +275,7 @@ def _eval_case(spec: dict, model, cfg, out: str, meter: _Meter, trainable: int, 
 
 
 def run(quick: bool = True, only: str | None = None, modes: tuple[str, ...] = MODES, steps: int | None = None,
-        threads: int = 2, cpu_mmap_threshold: int | None = None) -> dict:
+        threads: int = 2, cpu_mmap_threshold: int | None = None, cases: list[str] | None = None) -> dict:
     """Every (mode, case) in a fresh process; returns the rows and the ratios the README quotes."""
     import torch
     import transformers
@@ -289,6 +289,8 @@ def run(quick: bool = True, only: str | None = None, modes: tuple[str, ...] = MO
     for mode in modes:
         for kind, stack in CASES:
             if (only and kind != only) or (kind == "eval" and mode != "lora"):  # evaluation: the demo's LoRA model
+                continue
+            if cases and f"{mode}:{kind}:{stack}" not in cases and f"{kind}:{stack}" not in cases:
                 continue
             spec = {**preset, "mode": mode, "kind": kind, "stack": stack, "threads": threads,
                     "cpu_mmap_threshold": cpu_mmap_threshold}
@@ -357,13 +359,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per case (default 2)")
     ap.add_argument("--cpu-mmap-threshold", type=int, help="ModelManager(cpu_mmap_threshold=...) for the hf_optcore "
                     "rows (bytes, e.g. 1048576): lower CPU peaks, slower steps")
+    ap.add_argument("--cases", nargs="*", help="only these cases, as kind:stack or mode:kind:stack "
+                    "(e.g. bare:hf lora_gc:trainer:optcore+chunked)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(_child(json.loads(a.child))))
         return {}
     res = run(quick=a.quick, only=a.only, modes=tuple(a.modes), steps=a.steps, threads=a.threads,
-              cpu_mmap_threshold=a.cpu_mmap_threshold)
+              cpu_mmap_threshold=a.cpu_mmap_threshold, cases=a.cases)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_memory.json").write_text(json.dumps(res, indent=1))
     (RESULTS / "bench_memory.md").write_text(to_markdown(res))

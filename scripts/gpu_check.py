@@ -16,6 +16,10 @@ against a float32 / eager / unsharded reference run on the same GPU:
    written, and a resume from it reproduces the last steps' losses.
 5. ``fsdp2_raw``: ``tests/distributed/fsdp2_cpu.py`` (torch ``fully_shard``, EMA on the shards,
    DCP checkpoint) launched with torchrun on the GPU machine, full run then resume.
+6. ``chunked_loss``: ``hf_optcore.loss.causal_lm_loss`` on CUDA (Liger's fused kernel when
+   ``liger-kernel`` is installed, else the chunk loop) equals the model's own loss and gradients.
+7. ``memory_bench``: ``benchmarks/bench_memory.py --quick`` on the GPU (``max_memory_allocated``);
+   its table is saved beside the results.
 
 Results go to stdout as a table and to ``--out`` (default ``gpu_check.json``); the exit status is
 1 when any check failed.
@@ -44,6 +48,8 @@ CHECKS: dict[str, str] = {
     "fsdp2_trainer": "accelerate launch --config_file recipes/accelerate/fsdp2.yaml (1 GPU): distributed_type FSDP, "
                      "sharded params, EMA + checkpoint + exact resume through OptCoreTrainer",
     "fsdp2_raw": "torch fully_shard on the GPU machine: EMA on shards, DCP checkpoint, exact resume",
+    "chunked_loss": "causal_lm_loss on CUDA (Liger when installed) equals the model's loss and gradients",
+    "memory_bench": "benchmarks/bench_memory.py --quick on CUDA (max_memory_allocated), table saved",
 }
 
 
@@ -136,6 +142,36 @@ def check_torch_compile(tmp: Path) -> str:
     return f"max |compiled - eager| loss gap {gap:.2e}"
 
 
+def check_chunked_loss(tmp: Path) -> str:
+    import torch
+
+    from hf_optcore.loss import _liger_available, causal_lm_loss
+    from hf_optcore.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", seed=0).to(DEVICE)
+    ids = _Tokens().ids[:8].to(DEVICE)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss, _ = causal_lm_loss(model, batch)
+    loss.backward()
+    rel = abs(loss.item() - ref.item()) / abs(ref.item())
+    gap = max((p.grad - g).abs().max().item() for p, g in zip(model.parameters(), ref_grads))
+    assert rel < 1e-5 and gap < 1e-5, f"chunked loss off by {rel:.2e} (relative), gradients by {gap:.2e}"
+    return f"loss rel gap {rel:.1e}, grad gap {gap:.1e}; Liger {'used' if _liger_available() else 'not installed'}"
+
+
+def check_memory_bench(tmp: Path) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_memory.py"), "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = REPO / "benchmarks" / "results" / "bench_memory.md"
+    return f"table in {table} (copy it into the README with the date)"
+
+
 def _launch(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -205,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                "torch": torch.__version__, "bf16_supported": torch.cuda.is_bf16_supported() if cuda else None,
                "checks": {}}
     funcs = {"bf16": check_bf16, "fused_adamw": check_fused_adamw, "torch_compile": check_torch_compile,
-             "fsdp2_trainer": check_fsdp2_trainer, "fsdp2_raw": check_fsdp2_raw}
+             "fsdp2_trainer": check_fsdp2_trainer, "fsdp2_raw": check_fsdp2_raw, "chunked_loss": check_chunked_loss,
+             "memory_bench": check_memory_bench}
     failed = 0
     with tempfile.TemporaryDirectory() as tmpdir:
         for name in names:

@@ -329,6 +329,6 @@ def test_gpu_check_dry_run_lists_every_check():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    for name in ("bf16", "fused_adamw", "torch_compile", "fsdp2_trainer", "fsdp2_raw"):
+    for name in ("bf16", "fused_adamw", "torch_compile", "fsdp2_trainer", "fsdp2_raw", "chunked_loss", "memory_bench"):
         assert f"  {name} " in proc.stdout
     assert "nothing was run" in proc.stdout

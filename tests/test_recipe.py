@@ -44,6 +44,8 @@ def test_main_on_tiny_model_and_bundled_data(tmp_path, capsys, recwarn):
     assert len(samples) == 3 and all("generation_after" in s for s in samples)
     printed = capsys.readouterr().out
     assert "eval loss" in printed and "->" in printed
+    assert "GB peak memory" in printed and "real tokens/s" in printed  # the step's memory beside its throughput
+    assert metrics["train"]["train_peak_memory_bytes"] > 0 and metrics["train"]["train_real_tokens"] > 0
 
 
 def test_missing_config_file_exits_2_and_writes_nothing(tmp_path, capsys):

@@ -122,8 +122,8 @@ class TrainingConfig:
     label_smoothing_factor: float = _f(0.0, "Label smoothing in [0, 1).")
     chunked_loss: bool = _f(
         True, "Causal-LM loss and evaluation without whole-batch [tokens, vocabulary] logits: the head applied "
-              "loss_chunk_size label tokens at a time, recomputed in backward; only where it equals the model's own "
-              "loss (else the model's loss runs).")
+              "loss_chunk_size label tokens at a time, each chunk's gradient taken as soon as its logits exist; only "
+              "where it equals the model's own loss (else the model's loss runs).")
     loss_chunk_size: int = _f(1024, "Label tokens per output-head call of the chunked loss.")
     seed: int = _f(42, "Seed for model init, dropout and data order.")
     data_seed: Optional[int] = _f(None, "Separate seed for the data order (defaults to seed).")

@@ -42,6 +42,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "model": {
         "name_or_path": "bundled:smollm2-135m-instruct",
         "dtype": "float32",
+        # Memory-lean by default through the chunked loss (training.chunked_loss) and the fused LoRA forward:
+        # 5.5 GB peak vs 6.4 GB with the model's loss, and faster. Checkpointing would halve it again (2.6 GB)
+        # but makes this demo's steps 1.5x slower (measured), so it is left to model.gradient_checkpointing=true.
         "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "auto"},
     },
     "training": {
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_optcore.checkpoint_manager.faults import NonFiniteError
 
+    memory = _PeakMemory()
     try:
         train_output = trainer.train()
     except NonFiniteError as exc:
@@ -239,10 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     after = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
     samples_after = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
 
+    train_peak = memory.peak()
+    meter = getattr(trainer, "optcore_data_meter", None)
+    real_tokens = (meter.run_real + meter.real) if meter is not None else 0
+    runtime = train_output.metrics.get("train_runtime") or 0.0
+    throughput = {"train_peak_memory_bytes": train_peak, "train_real_tokens": real_tokens,
+                  "train_real_tokens_per_second": round(real_tokens / runtime, 1) if runtime else None}
     out = Path(config.output_dir)
     ran = trainer.optcore_config  # the values that ran, as trainer.args holds them
     metrics = {
-        "train": dict(train_output.metrics),
+        "train": {**train_output.metrics, **throughput},
         "eval_before": before,
         "eval_after": after,
         "data": getattr(data_mgr, "stats", {}),
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
         if ran.training.write_report:
             _write_report_with_evaluations(trainer, before, out, ran)
-        _print_summary(before, after, samples, out)
+        _print_summary(before, after, samples, out, throughput)
         if ran.training.push_to_hub:
             status = push_result(model_mgr, trainer, tokenizer, ran, out, before, after, getattr(data_mgr, "stats", {}))
     trainer.accelerator.wait_for_everyone()
@@ -311,9 +321,43 @@ def push_result(model_mgr, trainer, tokenizer, config: TrainerConfig, out: Path,
     return 0
 
 
-def _print_summary(before: dict, after: dict, samples: list[dict], out: Path) -> None:
+class _PeakMemory:
+    """Peak memory from now on: CUDA's max_memory_allocated, else the process's resident-set high-water mark
+    (reset first where Linux allows it, so model loading and the first evaluation are not counted)."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            except OSError:
+                pass
+
+    def peak(self) -> int | None:
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        try:
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024
+        except (OSError, StopIteration):
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _print_summary(before: dict, after: dict, samples: list[dict], out: Path, throughput: dict | None = None) -> None:
     lb, la = before.get("eval_loss"), after.get("eval_loss")
     print("\n==== hf_optcore SFT: before vs after ====")
+    if throughput and throughput.get("train_peak_memory_bytes"):
+        tps = throughput.get("train_real_tokens_per_second")
+        print(f"training         {throughput['train_peak_memory_bytes'] / 1e9:.2f} GB peak memory, "
+              + (f"{tps:,.0f} real tokens/s" if tps else "tokens/s not measured"))
     if lb is not None and la is not None:
         print(f"eval loss        {lb:8.4f} -> {la:8.4f}")
         print(f"eval perplexity  {_ppl(lb):8.2f} -> {_ppl(la):8.2f}")
