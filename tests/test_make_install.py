@@ -31,6 +31,12 @@ def _project_copy(tmp_path: Path) -> Path:
 
 
 def _make(work: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    # Under CI these tests run inside `make test`: a make started from there inherits MAKELEVEL and
+    # MAKEFLAGS (with the outer command-line variables), prints "Entering directory" lines and is
+    # not the fresh `make` a user types. Start it as a user would.
+    env = dict(os.environ if env is None else env)
+    for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"):
+        env.pop(name, None)
     return subprocess.run(["make", *args], cwd=work, capture_output=True, text=True, env=env, timeout=timeout)
 
 
