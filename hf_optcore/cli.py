@@ -83,7 +83,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         argv.append("--no-samples")
     if ns.debug:
         argv.append("--debug")
-    return int(sft.main([*argv, *ns.overrides]) or 0)
+    return int(sft.main([*argv, *ns.overrides], allow_reexec=True) or 0)
 
 
 def _optimizer_rows(pattern: str | None, available_only: bool) -> list[tuple[str, str, str]]:

@@ -33,6 +33,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hf_optcore import allocator
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EVAL_METRICS", "check_preflight", "model_max_positions", "preflight"]
@@ -207,6 +209,10 @@ def _package_problems(config: Any) -> list[str]:
     if h.use_liger_kernel and not _installed("liger_kernel"):
         problems.append("hardware.use_liger_kernel: needs the package 'liger_kernel', which is not installed; "
                         "pip install liger-kernel")
+    try:
+        allocator.plan(h.cpu_allocator)
+    except ValueError as exc:
+        problems.append(str(exc))
     return problems
 
 

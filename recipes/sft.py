@@ -8,4 +8,4 @@ from hf_optcore.distributed import exit_process
 from hf_optcore.recipes.sft import main
 
 if __name__ == "__main__":
-    exit_process(main())  # multi-process runs end without interpreter finalization (see exit_process)
+    exit_process(main(allow_reexec=True))  # multi-process runs end without interpreter finalization (see exit_process)

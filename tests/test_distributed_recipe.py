@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_optcore.allocator import find_jemalloc
+
 REPO = Path(__file__).resolve().parents[1]
 
 COMMON = [
@@ -45,21 +47,22 @@ def _env():
     return env
 
 
-def _run(out: Path, nproc: int, lora: bool) -> dict:
+def _run(out: Path, nproc: int, lora: bool, *extra: str) -> dict:
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines",
                 "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     batch = 8 // nproc
     cmd += [str(REPO / "recipes" / "sft.py"), *COMMON, f"output_dir={out}", f"model.lora.enabled={str(lora).lower()}",
-            f"training.per_device_train_batch_size={batch}"]
+            f"training.per_device_train_batch_size={batch}", *extra]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = {e["step"]: e["loss"] for e in history if "loss" in e}
     evals = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"losses": losses, "evals": evals, "before": metrics["eval_before"].get("eval_loss")}
+    return {"losses": losses, "evals": evals, "before": metrics["eval_before"].get("eval_loss"),
+            "allocator": metrics["train"]["cpu_allocator"]}
 
 
 @pytest.mark.slow
@@ -67,7 +70,11 @@ def _run(out: Path, nproc: int, lora: bool) -> dict:
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_processes_train_exactly_the_one_process_double_batch_with_evaluation(tmp_path, lora):
     one = _run(tmp_path / "one", 1, lora)
-    two = _run(tmp_path / "two", 2, lora)
+    # With LoRA each launched process also re-starts itself under jemalloc (hardware.cpu_allocator), which
+    # must change nothing but memory.
+    jemalloc = lora and find_jemalloc() is not None
+    two = _run(tmp_path / "two", 2, lora, *(["hardware.cpu_allocator=jemalloc"] if jemalloc else []))
+    assert two["allocator"] == ("jemalloc" if jemalloc else "system")
     assert sorted(one["losses"]) == sorted(two["losses"]) == list(range(1, 7))
     for step in one["losses"]:
         assert abs(one["losses"][step] - two["losses"][step]) < 1e-5, (step, one["losses"], two["losses"])

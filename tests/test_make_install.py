@@ -115,6 +115,11 @@ def test_readme_commands_from_a_fresh_clone_with_debians_python_first_on_path(tm
     base = subprocess.run([str(venv_python), "-c", "import sys; print(sys.base_prefix)"], capture_output=True,
                           text=True, check=True).stdout.strip()
     assert base == "/usr"  # the venv was made from Debian's interpreter
+    # jemalloc for hardware.cpu_allocator: the system's, else Debian's package unpacked into the venv.
+    jemalloc = subprocess.run([str(venv_python), "-m", "hf_optcore.allocator"], capture_output=True, text=True,
+                              env=env, cwd=clone)
+    if shutil.which("apt-get") and shutil.which("dpkg-deb"):
+        assert jemalloc.returncode == 0 and Path(jemalloc.stdout.strip()).is_file(), proc.stdout[-2000:]
 
     out = tmp_path / "smoke"
     proc = _make(clone, "demo", f"ARGS=--config recipes/configs/tiny_smoke.yaml --no-samples training.max_steps=4 "

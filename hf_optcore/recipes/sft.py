@@ -149,8 +149,12 @@ def _ppl(loss: float | None) -> float | None:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the recipe; returns the process exit status (0 ok, 2 bad input: one ``error:`` line per problem)."""
+def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
+    """Run the recipe; returns the process exit status (0 ok, 2 bad input: one ``error:`` line per problem).
+
+    ``allow_reexec``: this call is the process's entry point (the script, ``hf-optcore train``), which may
+    re-start itself once to preload jemalloc (``hardware.cpu_allocator``, :mod:`hf_optcore.allocator`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # a user error raises (traceback) instead of printing one line
     args = parse_args([a for a in argv if a != "--debug"])
@@ -159,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         _resolve_paths(config)
         from hf_optcore.preflight import check_preflight
+
+        if allow_reexec:  # before torch and any thread or process group exist
+            from hf_optcore.allocator import plan, reexec_with_allocator
+
+            try:
+                plan(config.hardware.cpu_allocator)
+            except ValueError:
+                pass  # reported by check_preflight below, with every other problem
+            else:
+                reexec_with_allocator(config.hardware.cpu_allocator)
 
         check_preflight(config)  # every problem knowable before the model loads, all at once
         from hf_optcore.data_manager import DataManager
@@ -247,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     meter = getattr(trainer, "optcore_data_meter", None)
     real_tokens = (meter.run_real + meter.real) if meter is not None else 0
     runtime = train_output.metrics.get("train_runtime") or 0.0
+    from hf_optcore.allocator import active_allocator
+
     throughput = {"train_peak_memory_bytes": train_peak, "train_real_tokens": real_tokens,
-                  "train_real_tokens_per_second": round(real_tokens / runtime, 1) if runtime else None}
+                  "train_real_tokens_per_second": round(real_tokens / runtime, 1) if runtime else None,
+                  "cpu_allocator": active_allocator()}
     out = Path(config.output_dir)
     ran = trainer.optcore_config  # the values that ran, as trainer.args holds them
     metrics = {
@@ -357,7 +374,8 @@ def _print_summary(before: dict, after: dict, samples: list[dict], out: Path, th
     if throughput and throughput.get("train_peak_memory_bytes"):
         tps = throughput.get("train_real_tokens_per_second")
         print(f"training         {throughput['train_peak_memory_bytes'] / 1e9:.2f} GB peak memory, "
-              + (f"{tps:,.0f} real tokens/s" if tps else "tokens/s not measured"))
+              + (f"{tps:,.0f} real tokens/s" if tps else "tokens/s not measured")
+              + (f", cpu allocator {throughput['cpu_allocator']}" if throughput.get("cpu_allocator") else ""))
     if lb is not None and la is not None:
         print(f"eval loss        {lb:8.4f} -> {la:8.4f}")
         print(f"eval perplexity  {_ppl(lb):8.2f} -> {_ppl(la):8.2f}")
