@@ -34,7 +34,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JEMALLOC_CONF", "active_allocator", "find_jemalloc", "plan", "reexec_with_allocator"]
+__all__ = ["JEMALLOC_CONF", "active_allocator", "find_jemalloc", "plan", "reexec_with_allocator", "warn_if_not_preloaded"]
 
 LIBRARY = "libjemalloc.so.2"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -106,6 +106,16 @@ def reexec_with_allocator(choice: str) -> None:
     sys.stderr.flush()
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     os.execve(sys.executable, argv, env)
+
+
+def warn_if_not_preloaded(choice: str) -> bool:
+    """For a Trainer in a script: log a warning when jemalloc is asked for but not loaded; True if it is."""
+    if choice != "jemalloc" or active_allocator() == "jemalloc":
+        return True
+    logger.warning("hardware.cpu_allocator=jemalloc: this process runs on the C library's malloc; only the recipe "
+                   "re-starts itself with jemalloc. Start your script as LD_PRELOAD=$(python -m "
+                   "hf_optcore.allocator) MALLOC_CONF=%s python ...", JEMALLOC_CONF)
+    return False
 
 
 if __name__ == "__main__":  # `python -m hf_optcore.allocator`: the library path, for LD_PRELOAD in scripts

@@ -27,6 +27,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from hf_optcore.allocator import warn_if_not_preloaded
 from hf_optcore.callbacks import (
     CheckpointCallback,
     DataThroughputCallback,
@@ -81,6 +82,7 @@ class OptCoreTrainer(Trainer):
     def _init_extensions(self) -> None:
         cfg = self.optcore_config
         verify_process_group(self.args, accelerator=self.accelerator)
+        warn_if_not_preloaded(cfg.hardware.cpu_allocator)  # a process cannot switch malloc once it runs
         if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
             # Pinned memory only speeds up copies to an accelerator; on the CPU torch warns on every dataloader.
             self.args.dataloader_pin_memory = False

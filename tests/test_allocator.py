@@ -107,3 +107,21 @@ def test_a_preloaded_jemalloc_is_not_preloaded_twice(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cpu allocator: jemalloc (jemalloc is already loaded)" in proc.stderr
     assert json.loads((out / "metrics.json").read_text())["train"]["cpu_allocator"] == "jemalloc"
+
+
+def test_a_trainer_in_a_script_says_when_jemalloc_was_asked_for_but_not_loaded(tmp_path, caplog):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_optcore.trainer import OptCoreTrainer
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)}]
+    cfg = TrainerConfig.from_dict({"output_dir": str(tmp_path), "hardware": {"use_cpu": True,
+                                                                             "cpu_allocator": "jemalloc"}})
+    with caplog.at_level("WARNING", logger="hf_optcore.allocator"):
+        OptCoreTrainer(model=model, args=cfg, train_dataset=data)
+    loaded = allocator.active_allocator() == "jemalloc"
+    assert loaded or "LD_PRELOAD=$(python -m hf_optcore.allocator)" in caplog.text
+    assert allocator.warn_if_not_preloaded("system")
