@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -84,8 +85,9 @@ class OptCoreTrainer(Trainer):
         verify_process_group(self.args, accelerator=self.accelerator)
         warn_if_not_preloaded(cfg.hardware.cpu_allocator)  # a process cannot switch malloc once it runs
         if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
-            # Pinned memory only speeds up copies to an accelerator; on the CPU torch warns on every dataloader.
-            self.args.dataloader_pin_memory = False
+            # Pinned memory only speeds up copies to an accelerator; on the CPU torch says so at every dataloader
+            # iteration. Silence that one message rather than edit the user's arguments.
+            warnings.filterwarnings("ignore", message=r"'pin_memory' argument is set as true but no accelerator")
         if cfg.training.write_report:
             self.add_callback(TrainingReportCallback(lambda: self.optcore_config))
         if self.pop_callback(ProgressCallback) is not None:

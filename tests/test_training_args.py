@@ -155,3 +155,25 @@ def test_plain_args_merged_keep_the_token_in_process(tmp_path):
     trainer = _tiny_trainer(tmp_path, args, optcore_config=TrainerConfig.from_dict({"ema": {"enabled": True}}))
     assert trainer.args.hub_token == "hf_SECRETsecret2"
     assert "SECRETsecret2" not in trainer.optcore_config.to_yaml()
+
+
+def test_training_leaves_the_users_arguments_as_given(tmp_path, recwarn):
+    """transformers' own test_training_arguments_are_left_untouched, with the extensions on: train() on the CPU
+    changes no field of trainer.args (pinned memory stays asked for; only torch's warning about it is silenced)."""
+    # No use_cpu: transformers itself turns pinning off with it. Here the device is the CPU by default.
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", max_steps=2,
+                             per_device_train_batch_size=2, save_strategy="no")
+    tok = build_tiny_tokenizer()
+    data = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 7, 6, 4)]
+    from hf_optcore.data.collator import PaddingCollator
+
+    trainer = OptCoreTrainer(model=build_tiny_model("llama", seed=0), args=args, processing_class=tok,
+                             train_dataset=data, data_collator=PaddingCollator(tok.pad_token_id),
+                             optcore_config=TrainerConfig.from_dict({"ema": {"enabled": True}}))
+    before = trainer.args.to_dict()
+    trainer.train()
+    assert trainer.state.global_step == 2
+    after = trainer.args.to_dict()
+    assert {k: (before[k], after[k]) for k in before if before[k] != after[k]} == {}
+    assert trainer.args.dataloader_pin_memory is True
+    assert not [w for w in recwarn if "pin_memory" in str(w.message)]
