@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from hf_optcore.allocator import active_allocator
+from hf_optcore.memory_meter import PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -52,52 +53,6 @@ PRESETS = {
     "full": {"model": "bundled:smollm2-135m-instruct", "batch": 8, "seq_len": 512, "steps": 2},
 }
 _LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        return True
-    except OSError:
-        return False
-
-
-class _Meter:
-    """Peak memory over a region: VmHWM after a reset on CPU, max_memory_allocated on CUDA."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def start(self) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            self.reset = _reset_peak()
-            self.before = _status_kib("VmRSS") * 1024
-
-    def stop(self) -> dict:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            meter = "cuda.max_memory_allocated"
-        else:
-            peak = _status_kib("VmHWM") * 1024
-            meter = "VmHWM after clear_refs" if self.reset else "VmHWM (process lifetime)"
-        return {"peak_bytes": peak, "before_bytes": self.before, "extra_bytes": max(0, peak - self.before),
-                "meter": meter}
 
 
 def _config_model(vocab: int):
@@ -174,7 +129,7 @@ def _child(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (spec["batch"] * spec["steps"], spec["seq_len"]), generator=g)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    meter = _Meter(spec["cuda"])
+    meter = PeakMemory(spec["cuda"])
     times, losses = [], []
 
     if spec["kind"] == "eval":
@@ -243,7 +198,7 @@ def _child(spec: dict) -> dict:
             "allocator": active_allocator()}
 
 
-def _eval_case(spec: dict, model, cfg, out: str, meter: _Meter, trainable: int, device) -> dict:
+def _eval_case(spec: dict, model, cfg, out: str, meter: PeakMemory, trainable: int, device) -> dict:
     """``evaluate()`` over the recipe's held-out Jargon terms (all 115), tokenized as the recipe does."""
     from hf_optcore.config import DataConfig, HardwareConfig, ModelConfig, TrainingConfig
     from hf_optcore.data.collator import PaddingCollator

@@ -86,7 +86,8 @@ def reexec_with_allocator(choice: str) -> None:
 
     Call it before any thread or process group exists (the recipe calls it right after validating
     the config). The new process has the same pid, arguments and environment, plus ``LD_PRELOAD``,
-    ``MALLOC_CONF`` (unless set) and a mark that stops a second re-start.
+    ``MALLOC_CONF`` (unless set) and a mark that stops a second re-start. A choice that cannot be
+    carried out here returns quietly: :func:`plan` raises it again in preflight, beside every other problem.
     """
     if os.environ.get(_ENV_MARK):
         if active_allocator() != "jemalloc":  # the preload failed (e.g. a library of another architecture)
@@ -94,7 +95,10 @@ def reexec_with_allocator(choice: str) -> None:
         else:
             logger.info("cpu allocator: jemalloc (%s)", os.environ.get("LD_PRELOAD", ""))
         return
-    lib, why = plan(choice)
+    try:
+        lib, why = plan(choice)
+    except ValueError:
+        return  # a jemalloc that cannot be had is a preflight problem, reported with every other one
     if lib is None:
         logger.info("cpu allocator: %s (%s)", active_allocator(), why)
         return

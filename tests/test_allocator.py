@@ -125,3 +125,18 @@ def test_a_trainer_in_a_script_says_when_jemalloc_was_asked_for_but_not_loaded(t
     loaded = allocator.active_allocator() == "jemalloc"
     assert loaded or "LD_PRELOAD=$(python -m hf_optcore.allocator)" in caplog.text
     assert allocator.warn_if_not_preloaded("system")
+
+
+def test_peak_memory_counts_what_the_region_allocated_not_what_came_before():
+    import torch
+
+    from hf_optcore.memory_meter import PeakMemory
+
+    earlier = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB alive before the region: in before, not extra
+    meter = PeakMemory(cuda=False).start()
+    block = torch.ones(256 << 20, dtype=torch.uint8)  # 256 MiB touched inside it
+    del block
+    mem = meter.stop()
+    assert mem["before_bytes"] >= earlier.numel()
+    assert mem["peak_bytes"] >= mem["before_bytes"] + (200 << 20)
+    assert mem["extra_bytes"] == mem["peak_bytes"] - mem["before_bytes"]

@@ -165,14 +165,9 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
         from hf_optcore.preflight import check_preflight
 
         if allow_reexec:  # before torch and any thread or process group exist
-            from hf_optcore.allocator import plan, reexec_with_allocator
+            from hf_optcore.allocator import reexec_with_allocator
 
-            try:
-                plan(config.hardware.cpu_allocator)
-            except ValueError:
-                pass  # reported by check_preflight below, with every other problem
-            else:
-                reexec_with_allocator(config.hardware.cpu_allocator)
+            reexec_with_allocator(config.hardware.cpu_allocator)
 
         check_preflight(config)  # every problem knowable before the model loads, all at once
         from hf_optcore.data_manager import DataManager
@@ -231,8 +226,9 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
         return 130
 
     from hf_optcore.checkpoint_manager.faults import NonFiniteError
+    from hf_optcore.memory_meter import PeakMemory
 
-    memory = _PeakMemory()
+    memory = PeakMemory().start()  # from train() on: model loading and the first evaluation are not counted
     try:
         train_output = trainer.train()
     except NonFiniteError as exc:
@@ -257,7 +253,7 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
     after = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
     samples_after = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
 
-    train_peak = memory.peak()
+    train_peak = memory.stop()["peak_bytes"]
     meter = getattr(trainer, "optcore_data_meter", None)
     real_tokens = (meter.run_real + meter.real) if meter is not None else 0
     runtime = train_output.metrics.get("train_runtime") or 0.0
@@ -336,36 +332,6 @@ def push_result(model_mgr, trainer, tokenizer, config: TrainerConfig, out: Path,
         return 1
     print(f"pushed {folder} ({variant}) to https://huggingface.co/{repo}")
     return 0
-
-
-class _PeakMemory:
-    """Peak memory from now on: CUDA's max_memory_allocated, else the process's resident-set high-water mark
-    (reset first where Linux allows it, so model loading and the first evaluation are not counted)."""
-
-    def __init__(self):
-        import torch
-
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-            except OSError:
-                pass
-
-    def peak(self) -> int | None:
-        if self.cuda:
-            import torch
-
-            return int(torch.cuda.max_memory_allocated())
-        try:
-            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-            return int(line.split()[1]) * 1024
-        except (OSError, StopIteration):
-            import resource
-
-            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _print_summary(before: dict, after: dict, samples: list[dict], out: Path, throughput: dict | None = None) -> None:
