@@ -158,6 +158,11 @@ class DataThroughputCallback(TrainerCallback):
         self.run_real = 0
         self.run_total = 0
         self._since = self._clock()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation, a checkpoint save) out of the time the next tokens/s divides by."""
+        self._excluded += max(0.0, float(seconds))
 
     def observe(self, real_tokens: int, total_tokens: int) -> None:
         """Count one micro-batch: its non-pad tokens and its padded size (rows x width)."""
@@ -179,18 +184,18 @@ class DataThroughputCallback(TrainerCallback):
             return {}
         out = {
             "padding_fraction": round(1.0 - real / total, 6),
-            "real_tokens_per_second": round(real / max(now - self._since, 1e-9), 3),
+            "real_tokens_per_second": round(real / max(now - self._since - self._excluded, 1e-9), 3),
             "real_tokens": real,
         }
         self.run_real += real
         self.run_total += total
         self.real = self.total = 0
-        self._since = now
+        self._since, self._excluded = now, 0.0
         return out
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.real = self.total = 0
-        self._since = self._clock()
+        self._since, self._excluded = self._clock(), 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         s = self.sampler

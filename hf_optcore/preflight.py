@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["EVAL_METRICS", "check_preflight", "model_max_positions", "preflight"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# What hf_optcore's evaluation reports (prefixed ``eval_``); with EMA also ``eval_ema_*`` except num_tokens.
-EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "num_tokens")
+# What hf_optcore's evaluation reports (prefixed ``eval_``); with EMA also ``eval_ema_*`` except label_tokens.
+EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "label_tokens")
 _TOPOLOGY = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
 
 
@@ -158,7 +158,7 @@ def _metric_problems(config: Any) -> list[str]:
         return []
     produced = set(EVAL_METRICS)
     if e.enabled and e.evaluate:
-        produced |= {f"ema_{m}" for m in EVAL_METRICS if m != "num_tokens"}
+        produced |= {f"ema_{m}" for m in EVAL_METRICS if m != "label_tokens"}
     extra = [_metric_name(m) for m in t.eval_metrics]
     # As in transformers.Trainer, a name without the eval_ prefix means the eval_ metric.
     key = wanted.removeprefix("eval_")

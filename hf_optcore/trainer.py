@@ -1,26 +1,33 @@
-"""``OptCoreTrainer``: ``transformers.Trainer`` with hf_optcore's extensions, extending its machinery.
+"""``OptCoreMixin``: hf_optcore's extensions for any ``transformers.Trainer``; ``OptCoreTrainer`` = mixin + Trainer.
 
-Given plain :class:`~transformers.TrainingArguments` and no hf_optcore option, every override
-below calls ``super()`` unchanged, so the run is bit-identical to ``transformers.Trainer``
-(``tests/test_trainer_equivalence.py`` pins this). The extensions are on when the Trainer holds
-:class:`~hf_optcore.config.OptCoreTrainingArguments`: passed directly (an ``HfArgumentParser``
-script), built from a :class:`~hf_optcore.config.TrainerConfig` given as ``args``, or merged from
-your ``TrainingArguments`` and ``optcore_config=``. ``trainer.args`` then holds every
-hyperparameter that runs; ``trainer.optcore_config`` is its nested view.
+Every override below calls ``super()``, so the mixin composes by the MRO with whatever Trainer comes after it:
+``class OptCoreTrainer(OptCoreMixin, Trainer)`` here, ``class MySFT(OptCoreMixin, SFTTrainer)`` for TRL (see
+:mod:`hf_optcore.trl`), a mixin over ``Seq2SeqTrainer``. Given arguments without hf_optcore's fields and no
+``optcore_config``, every override passes straight through, so the run is bit-identical to the Trainer it extends
+(``tests/test_trainer_equivalence.py`` pins this). The extensions are on when the Trainer holds hf_optcore's
+arguments (:class:`~hf_optcore.config.OptCoreArguments`): passed directly (an ``HfArgumentParser`` script), built
+from a :class:`~hf_optcore.config.TrainerConfig` given as ``args``, or merged from your ``TrainingArguments`` and
+``optcore_config=``. ``trainer.args`` then holds every hyperparameter that runs; ``trainer.optcore_config`` is its
+nested view.
 
-transformers' own code does the work wherever it can: it builds optimizers and schedulers it knows,
-writes and loads checkpoints (its layout, its FSDP/DeepSpeed paths), runs the evaluation loop and
-the Hub push. hf_optcore adds to it: registry optimizers, its batching, components and a manifest
-after transformers' save, a token-weighted loss and EMA weights around transformers' evaluation.
-Private transformers names used (each pinned by ``tests/test_private_surface.py``):
-``Trainer._save_checkpoint``, ``Trainer._load_rng_state``, ``Trainer._get_output_dir``.
+transformers' own code does the work wherever it can: it builds optimizers and schedulers it knows, writes and
+loads checkpoints (its layout, its FSDP/DeepSpeed paths), runs the evaluation loop and the Hub push. hf_optcore adds
+to it: registry optimizers, its batching, components and a manifest after transformers' save, a token-weighted
+loss and EMA weights around transformers' evaluation. Private transformers names used (each pinned by
+``tests/test_private_surface.py``): ``Trainer._save_checkpoint``, ``Trainer._load_rng_state``,
+``Trainer._get_output_dir``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
+import sys
+import time
+import typing
 import warnings
 from typing import Any
 
@@ -35,39 +42,107 @@ from hf_optcore.callbacks import (
     ThroughputProgressCallback,
     TrainingReportCallback,
 )
-from hf_optcore.config import OptCoreTrainingArguments, TrainerConfig
-from hf_optcore.config.conversion import resolve_arguments
+from hf_optcore.config import ConfigError, OptCoreArguments, TrainerConfig
+from hf_optcore.config.conversion import args_to_config
 from hf_optcore.distributed import prepare_process_group, verify_process_group, wrap_for_data_parallel_before_training
 from hf_optcore.evaluator.totals import EvalTotals, causal_lm_label_counts
 from hf_optcore.optim import optimizer_eval_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenericTrainer", "OptCoreTrainer"]
+__all__ = ["GenericTrainer", "OptCoreMixin", "OptCoreTrainer", "resolve_arguments"]
 
 
-class OptCoreTrainer(Trainer):
-    """``transformers.Trainer`` plus hf_optcore's extensions.
+def resolve_arguments(args: Any, optcore_config: TrainerConfig | None, base: type = TrainingArguments) -> Any:
+    """The arguments a Trainer with the mixin holds: hf_optcore's when any extension is asked for (a TrainerConfig
+    as ``args``, or an ``optcore_config``), else the caller's own, untouched.
 
     Args:
-        model: the model to train (``PreTrainedModel``, ``PeftModel`` or ``nn.Module``).
-        args: ``TrainingArguments`` (plain: behaves exactly like ``transformers.Trainer``),
-            ``OptCoreTrainingArguments`` or a :class:`TrainerConfig` (extensions on).
-        optcore_config: a ``TrainerConfig`` whose extensions apply on top of plain ``args``; a field both
-            set to different values is a ``ConfigError`` naming it.
-        *positional, **kwargs: everything ``transformers.Trainer`` takes, unchanged.
+        args: what the caller passed as ``args`` (``TrainingArguments``, a subclass, a TrainerConfig or None).
+        optcore_config: the ``optcore_config=`` keyword.
+        base: the ``TrainingArguments`` class a TrainerConfig becomes (the Trainer's own, e.g. TRL's ``SFTConfig``).
+    """
+    if isinstance(args, TrainerConfig):
+        if optcore_config is not None:
+            raise ConfigError(["pass the TrainerConfig either as args or as optcore_config, not both"])
+        return args.to_training_arguments(args.arguments_base or base)
+    if optcore_config is None:
+        return args
+    if args is None:
+        return optcore_config.to_training_arguments(optcore_config.arguments_base or base)
+    from hf_optcore.config.conversion import merge_arguments
+
+    return merge_arguments(args, optcore_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _arguments_base_of(trainer_cls: type) -> type:
+    """The ``TrainingArguments`` class a Trainer class's own ``__init__`` names for ``args`` (TRL's ``SFTTrainer``:
+    ``SFTConfig``), read from its annotation; ``TrainingArguments`` when it names none."""
+    for cls in trainer_cls.__mro__:
+        if cls is OptCoreMixin or "__init__" not in vars(cls) or issubclass(cls, OptCoreMixin):
+            continue
+        param = inspect.signature(cls.__init__).parameters.get("args")
+        annotation = getattr(param, "annotation", inspect.Parameter.empty)
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, vars(sys.modules[cls.__module__]))  # noqa: S307 - the class's own text
+            except Exception:
+                continue
+        candidates = [a for a in (typing.get_args(annotation) or (annotation,))
+                      if isinstance(a, type) and issubclass(a, TrainingArguments)]
+        if candidates:
+            return max(candidates, key=lambda a: len(a.__mro__))  # the most derived one
+        if cls is Trainer:
+            break
+    return TrainingArguments
+
+
+def _parent_defines(trainer_cls: type, name: str) -> bool:
+    """Whether a class between the mixin and ``transformers.Trainer`` in the MRO overrides ``name`` (TRL's
+    ``SFTTrainer.compute_loss``): the mixin then stands aside for what that class computes itself."""
+    mro = trainer_cls.__mro__
+    after = mro[mro.index(OptCoreMixin) + 1:]
+    for cls in after:
+        if cls is Trainer:
+            return False
+        if name in vars(cls):
+            return True
+    return False
+
+
+class OptCoreMixin:
+    """hf_optcore's extensions for a ``transformers.Trainer`` (or any subclass placed after it in the bases).
+
+    Args:
+        *args, **kwargs: everything the Trainer after the mixin takes, unchanged. Its ``args`` may also be a
+            :class:`TrainerConfig` (extensions on) or hf_optcore's arguments; plain ``TrainingArguments`` (or TRL's
+            configs) behave exactly like the Trainer's own.
+        optcore_config: a ``TrainerConfig`` whose extensions apply on top of plain ``args``; a field both set to
+            different values is a ``ConfigError`` naming it.
     """
 
-    def __init__(
-        self,
-        model: Any = None,
-        args: TrainerConfig | TrainingArguments | None = None,
-        *positional: Any,
-        optcore_config: TrainerConfig | None = None,
-        **kwargs: Any,
-    ):
-        args = resolve_arguments(args, optcore_config)
-        self._optcore_on = isinstance(args, OptCoreTrainingArguments)
+    def __init__(self, *args: Any, optcore_config: TrainerConfig | None = None, **kwargs: Any):
+        # Where `args` sits depends on the Trainer (DPOTrainer: model, ref_model, args): bind by the parent's own
+        # signature and hand it back the same way.
+        signature = inspect.signature(super().__init__)
+        if "args" in signature.parameters:
+            bound = signature.bind_partial(*args, **kwargs)
+            given = bound.arguments.get("args")
+        else:  # a parent taking *args/**kwargs: transformers' order (model, args, ...)
+            bound, given = None, kwargs.get("args", args[1] if len(args) > 1 else None)
+        resolved = resolve_arguments(given, optcore_config, _arguments_base_of(type(self)))
+        if bound is not None:
+            bound.arguments["args"] = resolved
+            args, kwargs = bound.args, bound.kwargs
+        elif "args" in kwargs or len(args) <= 1:
+            kwargs["args"] = resolved
+        else:
+            args = (args[0], resolved, *args[2:])
+        recipe = given if isinstance(given, TrainerConfig) else optcore_config
+        self._optcore_on = isinstance(resolved, OptCoreArguments)
+        # The recipe keys (model.*, data files) are not arguments: the view takes them from the config given.
+        self._optcore_recipe_config = recipe
         # Components whose state goes into every checkpoint, by key (each has state_dict() / load_state_dict()).
         self.optcore_state: dict[str, Any] = {}
         self._optcore_scheduler_built = False
@@ -75,8 +150,8 @@ class OptCoreTrainer(Trainer):
         self._optcore_loss_support: dict[int, bool] = {}
         if self._optcore_on:
             # A GPU-less multi-process launch forms a gloo group only with use_cpu (distributed.py).
-            prepare_process_group(args)
-        super().__init__(model, args, *positional, **kwargs)
+            prepare_process_group(resolved)
+        super().__init__(*args, **kwargs)
         if self._optcore_on:
             self._init_extensions()
 
@@ -86,8 +161,10 @@ class OptCoreTrainer(Trainer):
         warn_if_not_preloaded(cfg.hardware.cpu_allocator)  # a process cannot switch malloc once it runs
         if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
             # Pinned memory only speeds up copies to an accelerator; on the CPU torch says so at every dataloader
-            # iteration. Silence that one message rather than edit the user's arguments.
-            warnings.filterwarnings("ignore", message=r"'pin_memory' argument is set as true but no accelerator")
+            # iteration, inside the training loop where no context manager of ours reaches. The only way to keep
+            # the user's arguments as given is a filter for that one message of that one module.
+            warnings.filterwarnings("ignore", message=r"'pin_memory' argument is set as true but no accelerator",
+                                    module=r"torch\.utils\.data\.dataloader")
         if cfg.training.write_report:
             self.add_callback(TrainingReportCallback(lambda: self.optcore_config))
         if self.pop_callback(ProgressCallback) is not None:
@@ -121,8 +198,13 @@ class OptCoreTrainer(Trainer):
 
     @property
     def optcore_config(self) -> TrainerConfig | None:
-        """The nested :class:`TrainerConfig` view of ``self.args`` (None without the extensions)."""
-        return self.args.to_optcore_config(validate=False) if self._optcore_on else None
+        """The nested :class:`TrainerConfig` view of ``self.args`` (None without the extensions); its recipe keys
+        (``model.*``, data files) are those of the TrainerConfig the Trainer was given, else their defaults."""
+        if not self._optcore_on:
+            return None
+        view = args_to_config(self.args, TrainerConfig, validate=False)
+        recipe = self._optcore_recipe_config
+        return view.with_recipe_keys_of(recipe) if recipe is not None else view
 
     # ---- optimizer and scheduler ----------------------------------------------------------
 
@@ -168,6 +250,10 @@ class OptCoreTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         totals = self._optcore_eval
+        if totals is not None:
+            # Evaluating: each batch's loss is its local token mean, weighted by its own tokens (EvalTotals), not
+            # normalised by a count gathered over ranks.
+            num_items_in_batch = None
         if not self._chunked_loss_applies(model, inputs, return_outputs):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
@@ -192,6 +278,8 @@ class OptCoreTrainer(Trainer):
         """The chunked loss runs where it is exact and nobody asked for logits or their own loss."""
         if not self._optcore_on or not self.args.chunked_loss or self.compute_loss_func is not None:
             return False
+        if _parent_defines(type(self), "compute_loss") and not self._optcore_loss_is_models_own(inputs):
+            return False  # the Trainer after the mixin computes its own loss (TRL's DPO, GRPO, SFT with dft)
         if not hasattr(inputs, "get") or (inputs.get("labels") is None and inputs.get("shift_labels") is None):
             return False
         if return_outputs and (self._optcore_eval is None or not self._optcore_eval.loss_only):
@@ -205,12 +293,33 @@ class OptCoreTrainer(Trainer):
             logger.info("chunked loss %s: %s", "on" if ok else "off (the model's own loss runs)", reason)
         return self._optcore_loss_support[key]
 
+    def _optcore_loss_is_models_own(self, inputs) -> bool:
+        """For a Trainer whose ``compute_loss`` the mixin sits in front of: True where that loss is exactly the
+        model's own causal-LM loss, so the chunked loss may compute it instead (:mod:`hf_optcore.trl` says so for
+        TRL's SFT with ``loss_type="nll"``). Default: False, the Trainer's own loss runs."""
+        return False
+
+    def _optcore_ema_pass(self) -> contextlib.AbstractContextManager:
+        """Around the evaluation pass with the EMA weights: a Trainer that collects its own metrics during
+        ``compute_loss`` (TRL) keeps that pass's values apart from the live pass's here. Default: nothing."""
+        return contextlib.nullcontext()
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if not self._optcore_on:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        # A schedule-free optimizer is evaluated at its averaged point.
-        with self._optimizer_eval_mode():
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        started = time.perf_counter()
+        try:
+            # A schedule-free optimizer is evaluated at its averaged point.
+            with self._optimizer_eval_mode():
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._optcore_not_training(time.perf_counter() - started)
+
+    def _optcore_not_training(self, seconds: float) -> None:
+        """Real tokens/s counts training time only: an evaluation's or a save's time is taken out."""
+        meter = getattr(self, "optcore_data_meter", None)
+        if meter is not None:
+            meter.exclude(seconds)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
@@ -224,9 +333,11 @@ class OptCoreTrainer(Trainer):
         if (ema_cfg.enabled and ema_cfg.evaluate and description == "Evaluation"
                 and any(p.requires_grad for p in self.model.parameters())):
             handler = self.callback_handler
-            callbacks, handler.callbacks = handler.callbacks, []  # one evaluation to callbacks: no second pass of events
+            # One evaluation to the callbacks: evaluation_loop fires on_prediction_step per batch (the progress bar)
+            # and has no switch for it, so the second pass runs with the handler's list empty, then put back.
+            callbacks, handler.callbacks = handler.callbacks, []
             try:
-                with self._optcore_ema.ensure_manager().applied():
+                with self._optcore_ema.ensure_manager().applied(), self._optcore_ema_pass():
                     ema = self._token_weighted_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                                     metric_key_prefix)
             finally:
@@ -234,21 +345,19 @@ class OptCoreTrainer(Trainer):
             prefix = f"{metric_key_prefix}_"
             for key, value in ema.metrics.items():
                 name = key[len(prefix):] if key.startswith(prefix) else key
-                if not name.endswith(("_runtime", "_per_second", "preparation_time")) and name != "num_tokens":
+                if not name.endswith(("_runtime", "_per_second", "preparation_time")) and name != "label_tokens":
                     output.metrics[f"{prefix}ema_{name}"] = value
         return output
 
     def _token_weighted_loop(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix):
-        self._optcore_eval = EvalTotals(self.accelerator, metrics=self.optcore_config.training.eval_metrics)
-        args, average = self.args, self.args.average_tokens_across_devices
+        self._optcore_eval = EvalTotals(self.accelerator, metrics=self.optcore_config.training.eval_metrics,
+                                        label_smoothing=self.args.label_smoothing_factor > 0)
         try:
-            # Per batch, the loss is the local token mean (no cross-rank count): it is weighted by its own tokens.
-            args.average_tokens_across_devices = False
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
         finally:
-            args.average_tokens_across_devices = average
             totals, self._optcore_eval = self._optcore_eval, None
+        # Token-weighted over every batch and rank where the loss is a token loss; else transformers' own eval_loss.
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in totals.metrics().items()})
         return output
 
@@ -313,6 +422,13 @@ class OptCoreTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         if not self._optcore_on:
             return super()._save_checkpoint(model, trial)
+        started = time.perf_counter()
+        try:
+            self._optcore_save_checkpoint(model, trial)
+        finally:
+            self._optcore_not_training(time.perf_counter() - started)
+
+    def _optcore_save_checkpoint(self, model, trial) -> None:
         # transformers writes its checkpoint (its layout and savers); then components, manifest last, retention.
         path = self.optcore_checkpointing.checkpoint_dir(self._get_output_dir(trial=trial))
         self.optcore_checkpointing.before_save(path)
@@ -391,6 +507,19 @@ class OptCoreTrainer(Trainer):
             return counts
         summed = self.accelerator.reduce(torch.tensor(counts, dtype=torch.int64, device=self.args.device), "sum")
         return [int(x) for x in summed.tolist()]
+
+
+class OptCoreTrainer(OptCoreMixin, Trainer):
+    """``transformers.Trainer`` with hf_optcore's extensions (:class:`OptCoreMixin`).
+
+    Args:
+        model: the model to train (``PreTrainedModel``, ``PeftModel`` or ``nn.Module``).
+        args: ``TrainingArguments`` (plain: behaves exactly like ``transformers.Trainer``),
+            ``OptCoreTrainingArguments`` or a :class:`TrainerConfig` (extensions on).
+        optcore_config: a ``TrainerConfig`` whose extensions apply on top of plain ``args``; a field both set to
+            different values is a ``ConfigError`` naming it.
+        *positional, **kwargs: everything ``transformers.Trainer`` takes, unchanged.
+    """
 
 
 GenericTrainer = OptCoreTrainer

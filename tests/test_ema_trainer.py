@@ -102,7 +102,7 @@ def test_eval_reports_token_weighted_live_and_ema_metrics(tmp_path):
                       ema_manager=trainer.optcore_state["ema"].manager).evaluate()
     assert metrics["eval_loss"] == pytest.approx(alone["loss"], abs=1e-6)
     assert metrics["eval_ema_loss"] == pytest.approx(alone["ema_loss"], abs=1e-6)
-    assert metrics["eval_num_tokens"] == alone["num_tokens"]
+    assert metrics["eval_label_tokens"] == alone["label_tokens"]
     assert trainer.state.log_history[-1]["eval_ema_loss"] == metrics["eval_ema_loss"]  # logged like HF
     named = trainer.evaluate(eval_dataset={"a": _dataset(7, 2), "b": _dataset(4, 3)})
     assert named["eval_a_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)

@@ -58,7 +58,7 @@ def test_token_weighted_loss_matches_hand_computation(tiny_model):
     batches = _batches(examples, 3)  # batches of 3, 3 and 1 examples, very unequal token counts
     res = Evaluator(TrainingConfig(), tiny_model, batches, "cpu").evaluate()
     nll, count, correct = _hand_nll(tiny_model, examples)
-    assert res["num_tokens"] == count
+    assert res["label_tokens"] == count
     assert res["loss"] == pytest.approx(nll / count, abs=1e-5)
     assert res["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert res["token_accuracy"] == pytest.approx(correct / count)
@@ -76,7 +76,7 @@ def test_labels_default_to_input_ids_without_padding(tiny_model):
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in _batches(examples, 4)]
     res = Evaluator(TrainingConfig(), tiny_model, batches, "cpu").evaluate()
     nll, count, _ = _hand_nll(tiny_model, examples)
-    assert res["num_tokens"] == count
+    assert res["label_tokens"] == count
     assert res["loss"] == pytest.approx(nll / count, abs=1e-5)
 
 
@@ -113,7 +113,7 @@ def test_empty_label_set_gives_nan_not_crash(tiny_model):
     b = _batches(_examples()[:2], 2)[0]
     b["labels"].fill_(-100)
     res = Evaluator(TrainingConfig(), tiny_model, [b], "cpu").evaluate()
-    assert math.isnan(res["loss"]) and res["num_tokens"] == 0
+    assert math.isnan(res["loss"]) and res["label_tokens"] == 0
 
 
 METRIC_SCRIPT = '''
@@ -221,7 +221,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         results[nproc] = json.loads((out / "metrics.json").read_text())
     one, two = results[1], results[2]
     assert one["world_size"] == 1 and two["world_size"] == 2
-    assert two["eval_num_tokens"] == one["eval_num_tokens"]  # Accelerate's padding samples are not counted
+    assert two["eval_label_tokens"] == one["eval_label_tokens"]  # Accelerate's padding samples are not counted
     for key in ("eval_loss", "eval_token_accuracy", "eval_ema_loss", "eval_ema_token_accuracy"):
         assert abs(two[key] - one[key]) < 1e-6, (key, one[key], two[key])
     assert one["eval_ema_loss"] != one["eval_loss"]
@@ -258,5 +258,5 @@ def test_standalone_evaluator_sums_across_a_torch_distributed_group(tmp_path, ti
     mp.spawn(_standalone_worker, args=(2, str(tmp_path / "pg"), str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     one = Evaluator(TrainingConfig(), tiny_model, _batches(_examples()[:6], 2), "cpu").evaluate()
-    assert two["num_tokens"] == one["num_tokens"]
+    assert two["label_tokens"] == one["label_tokens"]
     assert abs(two["loss"] - one["loss"]) < 1e-6 and two["token_accuracy"] == pytest.approx(one["token_accuracy"])

@@ -1,6 +1,7 @@
-"""Evaluation extends transformers': the token-weighted loss comes from the training loss path (a user's
-compute_loss or compute_loss_func included), one pass with compute_metrics, and a model whose loss is not a
-token loss gets transformers' own evaluation."""
+"""Evaluation extends transformers': the loss is weighted by tokens over the whole set where it is the token
+cross-entropy (the model's own or the chunked loss, through a user's compute_loss that returns it unchanged);
+a custom loss (a compute_loss returning something else, a compute_loss_func) and a model whose loss is not a
+token loss get transformers' own eval_loss and no perplexity; compute_metrics runs in the same single pass."""
 
 from __future__ import annotations
 
@@ -65,34 +66,67 @@ def test_eval_loss_is_the_token_mean_not_the_mean_of_batch_means(tmp_path):
     expected = _token_mean_nll(ours.model, _rows())
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
-    assert metrics["eval_num_tokens"] == sum(int((r["labels"][1:] != -100).sum()) for r in _rows())
+    assert metrics["eval_label_tokens"] == sum(int((r["labels"][1:] != -100).sum()) for r in _rows())
     hf = Trainer(model=ours.model, args=_args(tmp_path), eval_dataset=_rows(), data_collator=_collate).evaluate()
     assert abs(hf["eval_loss"] - expected) > 1e-4  # transformers' mean of batch means differs on this data
 
 
-def test_a_users_compute_loss_is_the_loss_evaluated(tmp_path):
-    class Doubled(OptCoreTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
-            return (2 * loss, outputs) if return_outputs else 2 * loss
-
-    plain = _ours(tmp_path).evaluate()["eval_loss"]
-    doubled = _ours(tmp_path, cls=Doubled).evaluate()
-    assert doubled["eval_loss"] == pytest.approx(2 * plain, rel=1e-5)
+def _transformers_eval_loss(tmp_path, **kw):
+    """What transformers.Trainer itself reports for the same model, data and loss hooks."""
+    cls = kw.pop("cls", Trainer)
+    trainer = cls(model=build_tiny_model("llama", seed=0), args=_args(tmp_path), eval_dataset=_rows(),
+                  data_collator=_collate, **kw)
+    return trainer.evaluate()["eval_loss"]
 
 
-def test_a_users_own_loss_that_never_calls_super_is_weighted_by_tokens(tmp_path):
+def test_a_users_compute_loss_that_changes_the_loss_gets_transformers_eval_loss(tmp_path):
+    """A compute_loss returning something else than the token cross-entropy (here twice it, through super()) is a
+    custom loss: eval_loss is transformers' own value for it, and there is no perplexity of a custom loss."""
+    def doubled_over(base):
+        class Doubled(base):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch)
+                return (2 * loss, outputs) if return_outputs else 2 * loss
+        return Doubled
+
+    doubled = _ours(tmp_path, cls=doubled_over(OptCoreTrainer)).evaluate()
+    assert doubled["eval_loss"] == pytest.approx(_transformers_eval_loss(tmp_path, cls=doubled_over(Trainer)),
+                                                 rel=1e-6)
+    assert "eval_perplexity" not in doubled and "eval_token_accuracy" not in doubled
+
+
+def test_a_users_own_loss_that_never_calls_super_gets_transformers_eval_loss(tmp_path):
     class Own(OptCoreTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             outputs = model(**inputs)
             loss = outputs.loss + 1.0  # a per-batch token mean, shifted
             return (loss, outputs) if return_outputs else loss
 
-    plain = _ours(tmp_path).evaluate()["eval_loss"]
+    class OwnHF(Trainer):
+        compute_loss = Own.compute_loss
+
     own = _ours(tmp_path, cls=Own).evaluate()
-    assert own["eval_loss"] == pytest.approx(plain + 1.0, rel=1e-5)
-    assert "eval_token_accuracy" not in own  # no exact per-token statistics from a loss we did not compute
+    assert own["eval_loss"] == pytest.approx(_transformers_eval_loss(tmp_path, cls=OwnHF), rel=1e-6)
+    assert "eval_perplexity" not in own and "eval_token_accuracy" not in own
+
+
+def test_a_users_compute_loss_returning_the_token_loss_keeps_the_token_weighting(tmp_path):
+    """A compute_loss that adds logging but returns super()'s loss unchanged is still the token loss: eval_loss is
+    the whole set's token mean and the perplexity is exp of it."""
+    seen = []
+
+    class Logged(OptCoreTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            seen.append(1)
+            return out
+
+    metrics = _ours(tmp_path, cls=Logged).evaluate()
+    expected = _token_mean_nll(build_tiny_model("llama", seed=0), _rows())
+    assert seen and metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
 
 
 def test_compute_loss_func_is_respected(tmp_path):
@@ -102,9 +136,10 @@ def test_compute_loss_func_is_respected(tmp_path):
         total = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
         return 0.5 * total / (num_items_in_batch if num_items_in_batch is not None else (target != -100).sum())
 
-    plain = _ours(tmp_path).evaluate()["eval_loss"]
     metrics = _ours(tmp_path, compute_loss_func=halved).evaluate()
-    assert metrics["eval_loss"] == pytest.approx(0.5 * plain, rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(_transformers_eval_loss(tmp_path, compute_loss_func=halved),
+                                                 rel=1e-6)
+    assert "eval_perplexity" not in metrics
 
 
 def test_compute_metrics_runs_once_in_the_same_pass(tmp_path):

@@ -45,7 +45,7 @@ def test_chunked_loss_trains_and_evaluates_as_the_models_own_loss(tmp_path, arch
     assert len(losses) == 4
     for a, b in zip(losses, ref_losses):
         assert a == pytest.approx(b, rel=1e-5)
-    for key in ("eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_num_tokens"):
+    for key in ("eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_label_tokens"):
         assert before[key] == pytest.approx(ref_before[key], rel=1e-5), key
         assert after[key] == pytest.approx(ref_after[key], rel=1e-5), key
     # atol 1e-5: GPT-2's key bias has a gradient of pure rounding noise (softmax ignores it), which Adam

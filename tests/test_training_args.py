@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,15 +31,35 @@ NON_DEFAULT = {
 
 def test_every_config_field_has_one_place_in_the_arguments():
     links = field_links()
-    assert len({link.arg for link in links}) == len(links)  # no two fields share an argument
-    names = {f for f in OptCoreTrainingArguments.__dataclass_fields__}
+    args = [link.arg for link in links if link.kind != "recipe"]
+    assert len(set(args)) == len(args)  # no two fields share an argument
+    names = set(OptCoreTrainingArguments.__dataclass_fields__)
     assert all(link.arg in names or link.path in ("checkpoint.every_n_steps", "model.gradient_checkpointing",
-                                                   "training.extra_args") for link in links)
+                                                   "training.extra_args") for link in links if link.kind != "recipe")
     by_path = {link.path: link for link in links}
     assert by_path["checkpoint.keep_last"].arg == "save_total_limit"
     assert by_path["training.optimizer"].arg == "optim" and by_path["training.scheduler"].arg == "lr_scheduler_type"
     assert by_path["training.learning_rate"].hf and not by_path["ema.decay"].hf
-    assert by_path["ema.decay"].arg == "ema_decay" and by_path["model.lora.r"].arg == "lora_r"
+    assert by_path["ema.decay"].arg == "ema_decay" and by_path["checkpoint.keep_best"].arg == "checkpoint_keep_best"
+    # What only the recipe acts on is not a Trainer argument.
+    for path in ("model.name_or_path", "model.lora.r", "model.lora.target_modules", "data.train_path",
+                 "data.format", "training.push_variant"):
+        assert by_path[path].kind == "recipe" and by_path[path].arg is None
+    assert not {"lora_r", "model_name_or_path", "data_train_path", "lora_target_modules", "push_variant"} & names
+
+
+def test_the_arguments_class_is_written_out_and_in_sync_with_the_sections():
+    """The class statement's generated field block is exactly what sections.py renders (else run
+    scripts/sync_training_args.py); help() and an IDE see typed fields with their help."""
+    from hf_optcore.config import training_args
+    from hf_optcore.config.field_map import with_argument_fields
+
+    source = Path(training_args.__file__).read_text(encoding="utf-8")
+    assert with_argument_fields(source) == source, "run: python scripts/sync_training_args.py"
+    fields = {f.name: f for f in dataclasses.fields(OptCoreTrainingArguments)}
+    assert fields["ema_decay"].default == 0.999 and fields["ema_decay"].metadata["help"].startswith("EMA decay")
+    assert set(fields["data_batching"].metadata) == {"help"}  # HfArgumentParser hands metadata to argparse
+    assert "ema_decay" in OptCoreTrainingArguments.__dataclass_fields__
 
 
 @pytest.mark.parametrize("raw", [{}, NON_DEFAULT], ids=["defaults", "non-defaults"])
@@ -45,13 +67,15 @@ def test_config_to_arguments_and_back_is_lossless(raw):
     cfg = TrainerConfig.from_dict(raw)
     args = cfg.to_training_arguments()
     assert isinstance(args, TrainingArguments)
-    assert TrainerConfig.from_training_arguments(args) == cfg
+    back = TrainerConfig.from_training_arguments(args)
+    assert back.model.name_or_path == TrainerConfig().model.name_or_path  # recipe keys are not arguments ...
+    assert back.with_recipe_keys_of(cfg) == cfg  # ... every other key survives the round trip
     # ... and the arguments hold the values that run, under transformers' names
     assert args.optim == cfg.training.optimizer and args.lr_scheduler_type == cfg.training.scheduler
     assert args.learning_rate == cfg.training.learning_rate and args.data_batching == cfg.data.batching
     if raw:
         assert args.save_strategy == "steps" and args.save_steps == 10 and args.save_only_model is True
-        assert args.activation_checkpointing is True and args.lora_r == 4 and args.ema_enabled is True
+        assert args.activation_checkpointing is True and args.ema_enabled is True
 
 
 def test_plain_arguments_convert_with_hf_faithful_extensions_and_overrides():
@@ -72,20 +96,32 @@ def test_plain_arguments_convert_with_hf_faithful_extensions_and_overrides():
 def test_hf_argument_parser_takes_every_extension_as_a_flat_flag():
     (args,) = HfArgumentParser(OptCoreTrainingArguments).parse_args_into_dataclasses([
         "--output_dir", "out", "--optim", "lion", "--lr_scheduler_type", "wsd", "--learning_rate", "3e-4",
-        "--ema_enabled", "true", "--ema_decay", "0.99", "--data_batching", "bucket", "--lora_r", "8",
-        "--lr_multipliers", '{"lm_head": 0.1}', "--lora_target_modules", "auto", "--save_total_limit", "4"])
-    cfg = args.to_optcore_config()
+        "--ema_enabled", "true", "--ema_decay", "0.99", "--data_batching", "bucket",
+        "--lr_multipliers", '{"lm_head": 0.1}', "--save_total_limit", "4", "--checkpoint_keep_best", "2"])
+    cfg = TrainerConfig.from_training_arguments(args)
     assert (cfg.training.optimizer, cfg.training.scheduler, cfg.training.learning_rate) == ("lion", "wsd", 3e-4)
     assert cfg.ema.enabled and cfg.ema.decay == 0.99 and cfg.data.batching == "bucket"
-    assert cfg.model.lora.r == 8 and cfg.model.lora.target_modules == "auto"
     assert cfg.training.lr_multipliers == {"lm_head": 0.1} and cfg.checkpoint.keep_last == 4
+    assert cfg.checkpoint.keep_best == 2
+
+
+def test_hf_argument_parser_defaults_equal_the_class_defaults():
+    """No flag given: every field parses to its default (a Union-typed default once came back as None)."""
+    (parsed,) = HfArgumentParser(OptCoreTrainingArguments).parse_args_into_dataclasses(["--output_dir", "out"])
+    direct = OptCoreTrainingArguments(output_dir="out")
+    differ = {f.name: (getattr(parsed, f.name), getattr(direct, f.name))
+              for f in dataclasses.fields(OptCoreTrainingArguments)
+              if f.init and getattr(parsed, f.name) != getattr(direct, f.name)}
+    assert differ == {}
 
 
 def test_bad_extension_values_fail_at_construction_naming_the_field():
-    with pytest.raises(ConfigError, match=r"optim: unknown optimizer 'lian' \(did you mean 'lion'\?\)"):
+    with pytest.raises(ConfigError, match=r"--optim: unknown optimizer 'lian' \(did you mean 'lion'\?\)"):
         OptCoreTrainingArguments(output_dir="x", optim="lian")
-    with pytest.raises(ConfigError, match=r"ema.decay: must be in \(0, 1\), got 1.5"):
+    with pytest.raises(ConfigError, match=r"--ema_decay: must be in \(0, 1\), got 1.5 \(config key ema.decay\)"):
         OptCoreTrainingArguments(output_dir="x", ema_enabled=True, ema_decay=1.5)
+    with pytest.raises(ConfigError, match=r"--lr_multipliers: not valid JSON \(Expecting property name"):
+        OptCoreTrainingArguments(output_dir="x", lr_multipliers="{bad json")
 
 
 def _tiny_trainer(tmp_path, args, **kw):
@@ -177,3 +213,35 @@ def test_training_leaves_the_users_arguments_as_given(tmp_path, recwarn):
     assert {k: (before[k], after[k]) for k in before if before[k] != after[k]} == {}
     assert trainer.args.dataloader_pin_memory is True
     assert not [w for w in recwarn if "pin_memory" in str(w.message)]
+
+
+def test_a_config_knows_which_keys_were_set_explicitly(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("training:\n  learning_rate: 2.0e-4\nema:\n  enabled: true\n")
+    cfg = TrainerConfig.from_yaml(yaml_file, ["data.batching=bucket"])
+    assert cfg.explicit_keys() == {"training.learning_rate", "ema.enabled", "data.batching"}
+    assert cfg.training.learning_rate == TrainerConfig().training.learning_rate  # set, and equal to the default
+    cfg.checkpoint.keep_best = 1  # assigned in code: set too
+    assert "checkpoint.keep_best" in cfg.explicit_keys()
+    assert TrainerConfig().explicit_keys() == frozenset()
+    assert TrainerConfig.from_dict({"model": {"lora": {"r": 8}}}).explicit_keys() == {"model.lora.r"}
+
+
+def test_both_set_is_decided_on_what_was_set_never_on_equality_with_the_default(tmp_path):
+    """TrainingArguments(learning_rate=1e-5) beside a YAML that says learning_rate: 2e-4 (the default, the most
+    common LoRA value) is a conflict, not a silent 1e-5; left unset in the YAML, the user's 1e-5 runs."""
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-5, use_cpu=True, report_to="none")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("training:\n  learning_rate: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"training.learning_rate: the TrainingArguments say 1e-05, the "
+                                          r"TrainerConfig says 0.0002"):
+        _tiny_trainer(tmp_path, args, optcore_config=TrainerConfig.from_yaml(yaml_file))
+    unset = TrainerConfig.from_dict({"ema": {"enabled": True}})
+    assert _tiny_trainer(tmp_path, args, optcore_config=unset).args.learning_rate == 1e-5
+    in_code = TrainerConfig()
+    in_code.training.learning_rate = 2e-4
+    with pytest.raises(ConfigError, match="training.learning_rate"):
+        _tiny_trainer(tmp_path, args, optcore_config=in_code)
+    # transformers' default in args, the config sets a value: the config's value runs.
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert _tiny_trainer(tmp_path, plain, optcore_config=TrainerConfig.from_yaml(yaml_file)).args.learning_rate == 2e-4

@@ -6,10 +6,14 @@ YAML file and dotted ``section.key=value`` overrides, and validated *before* any
 is touched: every problem is collected and raised at once in one :class:`ConfigError`, each
 line naming the dotted path, the value given and what would be valid.
 
-It is the nested view of :class:`~hf_optcore.config.training_args.OptCoreTrainingArguments`,
-the ``transformers.TrainingArguments`` subclass the Trainer holds:
-:meth:`TrainerConfig.to_training_arguments` and :meth:`TrainerConfig.from_training_arguments`
-convert both ways, derived from the field definitions in ``sections.py``.
+It is the nested view of :class:`OptCoreTrainingArguments`, the ``transformers.TrainingArguments``
+subclass the Trainer holds: :meth:`TrainerConfig.to_training_arguments` and
+:meth:`TrainerConfig.from_training_arguments` convert both ways, along the map of ``field_map.py``
+derived from the field definitions in ``sections.py``.
+
+Modules, each importing only those above it: ``sections`` (the dataclasses) -> ``parsing`` (YAML,
+overrides, coercion) -> ``field_map`` (which field is which argument) -> ``training_args`` (the
+arguments classes) -> ``conversion`` (both directions, merging) -> ``trainer_config`` (TrainerConfig).
 """
 
 from hf_optcore.config.parsing import load_yaml, parse_overrides
@@ -24,6 +28,7 @@ from hf_optcore.config.sections import (
     TrainingConfig,
 )
 from hf_optcore.config.trainer_config import TrainerConfig, render_reference
+from hf_optcore.config.training_args import OptCoreArguments, OptCoreTrainingArguments, arguments_class_for
 
 __all__ = [
     "CheckpointConfig",
@@ -33,19 +38,13 @@ __all__ = [
     "HardwareConfig",
     "LoRAConfig",
     "ModelConfig",
+    "OptCoreArguments",
     "OptCoreTrainingArguments",
     "TrainerConfig",
     "TrainingConfig",
+    "arguments_class_for",
     "load_yaml",
     "parse_overrides",
     "render_reference",
 ]
 
-
-def __getattr__(name):
-    # Subclasses transformers.TrainingArguments: built on first use so that config-only users never import transformers.
-    if name == "OptCoreTrainingArguments":
-        from hf_optcore.config import training_args
-
-        return training_args.OptCoreTrainingArguments
-    raise AttributeError(f"module 'hf_optcore.config' has no attribute {name!r}")

@@ -11,6 +11,7 @@ map between the nested YAML view and the arguments the Trainer holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -24,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "SECTIONS",
     "TrainingConfig",
+    "tracked",
 ]
 
 
@@ -37,17 +39,62 @@ class ConfigError(ValueError):
         super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", hf: str | None = None, **kw) -> Any:  # noqa: A002
-    """A config field with its help text; ``hf`` names its TrainingArguments field when the name differs."""
-    metadata = {"help": help, **({"hf": hf} if hf else {})}
+def _f(default: Any = dataclasses.MISSING, help: str = "", hf: str | None = None, recipe: bool = False,
+       **kw) -> Any:  # noqa: A002
+    """A config field with its help text.
+
+    Args:
+        default: the default (a list or dict is copied per instance).
+        help: the help text (README config reference, ``--help`` of the arguments).
+        hf: the ``TrainingArguments`` field holding it, when its name differs (``training.optimizer`` is ``optim``).
+        recipe: True for a field only the recipe acts on (which model, which files, how to tokenize): it is not a
+            Trainer argument, so an ``HfArgumentParser`` script never sees it and trackers never record it.
+    """
+    metadata = {"help": help, **({"hf": hf} if hf else {}), **({"recipe": True} if recipe else {})}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
 
 
+class _Tracked:
+    """Base of the config dataclasses: remembers which fields were set explicitly.
+
+    A field counts as set when it was given to the constructor (``from_dict`` passes exactly the keys of the
+    YAML, dict or overrides) or assigned afterwards (``cfg.training.learning_rate = 2e-4``), even to a value
+    equal to its default. Merging a TrainerConfig with a user's ``TrainingArguments`` decides on this, never on
+    equality with the default.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        explicit = self.__dict__.get("_explicit")
+        if explicit is not None and not name.startswith("_"):
+            explicit.add(name)
+
+    def explicit_fields(self) -> frozenset[str]:
+        """Names of the fields of this object set explicitly (see the class docstring)."""
+        return frozenset(self.__dict__.get("_explicit") or ())
+
+
+def tracked(cls: type) -> type:
+    """Class decorator (after ``@dataclass``): record the fields the constructor was given as explicit."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, "_explicit", None)  # defaults and __post_init__ are not the user's doing
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_explicit", set(names[: len(args)]) | set(kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@tracked
 @dataclass
-class LoRAConfig:
+class LoRAConfig(_Tracked):
     """LoRA adapters through peft (``model.lora``)."""
 
     enabled: bool = _f(True, "Train LoRA adapters instead of all weights.")
@@ -66,8 +113,9 @@ class LoRAConfig:
     load_in_4bit: bool = _f(False, "QLoRA: load the base model in 4-bit through bitsandbytes (needs CUDA).")
 
 
+@tracked
 @dataclass
-class ModelConfig:
+class ModelConfig(_Tracked):
     """What model and tokenizer to load, and how (``model``)."""
 
     name_or_path: str = _f(
@@ -94,8 +142,9 @@ class ModelConfig:
             self.lora = LoRAConfig()
 
 
+@tracked
 @dataclass
-class TrainingConfig:
+class TrainingConfig(_Tracked):
     """Optimisation and loop settings (``training``)."""
 
     learning_rate: float = _f(2e-4, "Peak learning rate.")
@@ -144,14 +193,15 @@ class TrainingConfig:
     write_report: bool = _f(True, "Write report.png / report.md (loss, evaluations, throughput) into output_dir at "
                                   "the end of training.")
     push_variant: Literal["adapter", "merged", "ema"] = _f(
-        "adapter", "What the recipe pushes: the LoRA adapter, the merged model, or the EMA weights.")
+        "adapter", "What the recipe pushes: the LoRA adapter, the merged model, or the EMA weights.", recipe=True)
     extra_args: dict = _f(
         {}, "Any other transformers.TrainingArguments field by its own name (e.g. {save_only_model: true}); "
             "passed through to the Trainer's arguments.")
 
 
+@tracked
 @dataclass
-class HardwareConfig:
+class HardwareConfig(_Tracked):
     """Devices, precision, kernels and dataloader workers (``hardware``)."""
 
     use_cpu: bool = _f(False, "Force CPU (also what makes multi-process CPU runs form a gloo group).")
@@ -177,37 +227,39 @@ class HardwareConfig:
     )
 
 
+@tracked
 @dataclass
-class DataConfig:
+class DataConfig(_Tracked):
     """Where the data comes from and how it is batched (``data``)."""
 
-    train_path: Optional[str] = _f(None, "Training data: JSON/JSONL/CSV/Parquet/text file, or 'hub:<dataset id>'.")
-    eval_path: Optional[str] = _f(None, "Evaluation data (same forms); else eval_split_ratio of train is held out.")
-    format: Literal["auto", "text", "instruction", "chat"] = _f("auto", "Example format; auto detects from columns.")
-    text_field: str = _f("text", "Column holding plain text (format=text).")
-    instruction_field: str = _f("instruction", "Instruction column (format=instruction).")
-    input_field: str = _f("input", "Optional input column (format=instruction).")
-    response_field: str = _f("response", "Response column (format=instruction).")
-    messages_field: str = _f("messages", "Messages column (format=chat).")
-    completion_only_loss: bool = _f(True, "Mask prompt tokens (-100) so loss is on completions only.")
+    train_path: Optional[str] = _f(None, "Training data: JSON/JSONL/CSV/Parquet/text file, or 'hub:<dataset id>'.", recipe=True)
+    eval_path: Optional[str] = _f(None, "Evaluation data (same forms); else eval_split_ratio of train is held out.", recipe=True)
+    format: Literal["auto", "text", "instruction", "chat"] = _f("auto", "Example format; auto detects from columns.", recipe=True)
+    text_field: str = _f("text", "Column holding plain text (format=text).", recipe=True)
+    instruction_field: str = _f("instruction", "Instruction column (format=instruction).", recipe=True)
+    input_field: str = _f("input", "Optional input column (format=instruction).", recipe=True)
+    response_field: str = _f("response", "Response column (format=instruction).", recipe=True)
+    messages_field: str = _f("messages", "Messages column (format=chat).", recipe=True)
+    completion_only_loss: bool = _f(True, "Mask prompt tokens (-100) so loss is on completions only.", recipe=True)
     max_seq_len: int = _f(1024, "Maximum tokens per example.")
-    truncation: Literal["truncate", "drop"] = _f("truncate", "What to do with longer examples.")
+    truncation: Literal["truncate", "drop"] = _f("truncate", "What to do with longer examples.", recipe=True)
     batching: Literal["random", "bucket", "token_budget", "multipack", "hf"] = _f(
         "random", "Batching strategy; 'hf' leaves batching to transformers (TrainingArguments.train_sampling_strategy).")
     max_tokens_per_batch: Optional[int] = _f(None, "Padded-token budget per batch (token_budget).")
     pad_to_multiple_of: Optional[int] = _f(None, "Pad batch lengths to a multiple of this (bounds compiled shapes).")
     padding_side: Literal["right", "left"] = _f("right", "Side on which batches are padded.")
-    eval_split_ratio: float = _f(0.05, "Fraction of train held out for eval when eval_path is unset.")
-    max_train_samples: Optional[int] = _f(None, "Use only the first N training examples.")
-    max_eval_samples: Optional[int] = _f(None, "Use only the first N eval examples.")
-    hub_config_name: Optional[str] = _f(None, "Configuration name of a 'hub:' dataset.")
-    hub_train_split: str = _f("train", "Split of a 'hub:' train_path to train on.")
-    hub_eval_split: Optional[str] = _f(None, "Split of a 'hub:' eval_path (default: hub_train_split's held-out part).")
+    eval_split_ratio: float = _f(0.05, "Fraction of train held out for eval when eval_path is unset.", recipe=True)
+    max_train_samples: Optional[int] = _f(None, "Use only the first N training examples.", recipe=True)
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N eval examples.", recipe=True)
+    hub_config_name: Optional[str] = _f(None, "Configuration name of a 'hub:' dataset.", recipe=True)
+    hub_train_split: str = _f("train", "Split of a 'hub:' train_path to train on.", recipe=True)
+    hub_eval_split: Optional[str] = _f(None, "Split of a 'hub:' eval_path (default: hub_train_split's held-out part).", recipe=True)
     bucket_size_multiplier: int = _f(64, "bucket: batches per length-sorted mega-batch (more: less padding, less mixing).")
 
 
+@tracked
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Tracked):
     """Checkpoint cadence, retention, resume and fault handling (``checkpoint``)."""
 
     every_n_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: none during training).", hf="save_steps")
@@ -241,8 +293,9 @@ class CheckpointConfig:
                                         "and stop.")
 
 
+@tracked
 @dataclass
-class EMAConfig:
+class EMAConfig(_Tracked):
     """Exponential moving average of the trainable weights (``ema``)."""
 
     enabled: bool = _f(False, "Keep an EMA of the trainable weights.")
@@ -271,3 +324,7 @@ SECTIONS: dict[str, type] = {
 
 NESTED: dict[tuple[type, str], type] = {(ModelConfig, "lora"): LoRAConfig}
 """(section, field) -> dataclass of a nested section."""
+
+RECIPE_SECTIONS = frozenset({"model", "model.lora"})
+"""Sections only the recipe acts on (which model, how it is loaded, its adapters): their fields are not Trainer
+arguments, except those linked to a ``TrainingArguments`` field (``model.gradient_checkpointing``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -10,8 +11,12 @@ from typing import Any
 
 import yaml
 
+from hf_optcore._validation import collect_problems
+from hf_optcore.config import conversion
+from hf_optcore.config.field_map import field_links
 from hf_optcore.config.parsing import as_dict, build_section, deep_merge, load_yaml, parse_overrides
 from hf_optcore.config.sections import (
+    NESTED,
     SECTIONS,
     CheckpointConfig,
     ConfigError,
@@ -21,18 +26,22 @@ from hf_optcore.config.sections import (
     ModelConfig,
     TrainingConfig,
     _f,
+    _Tracked,
+    tracked,
 )
 from hf_optcore.errors import did_you_mean
 
 __all__ = ["TrainerConfig", "render_reference"]
 
 
+@tracked
 @dataclass
-class TrainerConfig:
+class TrainerConfig(_Tracked):
     """The whole configuration: six sections plus ``output_dir``.
 
     Build it with :meth:`from_dict`, :meth:`from_yaml` or :meth:`from_sources` (YAML + dotted
-    overrides); each validates and raises one :class:`ConfigError` listing every problem.
+    overrides); each validates and raises one :class:`ConfigError` listing every problem. It remembers which
+    keys were set explicitly (:meth:`explicit_keys`), whatever their value.
     """
 
     output_dir: str = _f("outputs/sft", "Where checkpoints, the final model, metrics and reports go.")
@@ -71,8 +80,6 @@ class TrainerConfig:
                 problems.append(f"{key}: unknown section{did_you_mean(key, top)}; valid: {', '.join(top)}")
         config = cls(**kwargs)
         if validate:
-            from hf_optcore._validation import collect_problems
-
             # Range checks run on the fields that parsed, so one error lists every problem.
             problems += collect_problems(config)
         if problems:
@@ -116,10 +123,30 @@ class TrainerConfig:
 
     # ---- validation ---------------------------------------------------------------------
 
+    def explicit_keys(self) -> frozenset[str]:
+        """Dotted keys set explicitly: in the YAML, dict or overrides it was built from, or assigned in code
+        (``cfg.training.learning_rate = 2e-4`` counts, even when 2e-4 is the default)."""
+        keys = {name for name in self.explicit_fields() if name not in SECTIONS}
+
+        def walk(obj: Any, path: str) -> None:
+            for name in obj.explicit_fields():
+                if (type(obj), name) in NESTED:
+                    walk(getattr(obj, name), f"{path}.{name}")
+                else:
+                    keys.add(f"{path}.{name}")
+
+        for name in SECTIONS:
+            walk(getattr(self, name), name)
+        return frozenset(keys)
+
+    @property
+    def arguments_base(self) -> type | None:
+        """The ``TrainingArguments`` class this config was read from (TRL's ``SFTConfig``, ...), if any:
+        :meth:`to_training_arguments` extends the same class."""
+        return self.__dict__.get("_arguments_base")
+
     def validate(self, cuda_available: bool | None = None) -> TrainerConfig:
         """Check ranges and combinations; raise one :class:`ConfigError` with every problem."""
-        from hf_optcore._validation import collect_problems
-
         problems = collect_problems(self, cuda_available=cuda_available)
         if problems:
             raise ConfigError(problems)
@@ -127,15 +154,19 @@ class TrainerConfig:
 
     # ---- TrainingArguments ----------------------------------------------------------------
 
-    def to_training_arguments(self, **extra: Any):
-        """The :class:`~hf_optcore.config.training_args.OptCoreTrainingArguments` holding every value of this config.
+    def to_training_arguments(self, args_class: type | None = None, **extra: Any):
+        """The :class:`~hf_optcore.config.OptCoreTrainingArguments` holding every value of this config that is a
+        Trainer argument (all but the recipe's ``model.*`` and data-file keys).
 
-        Lossless: ``TrainerConfig.from_training_arguments(config.to_training_arguments()) == config``.
-        ``extra`` sets TrainingArguments fields on top (``disable_tqdm=True``, ``hub_token=...``).
+        Lossless for those: ``TrainerConfig.from_training_arguments(config.to_training_arguments())`` equals
+        ``config`` except the recipe keys, which keep their defaults.
+
+        Args:
+            args_class: a ``TrainingArguments`` subclass to extend instead (TRL's ``SFTConfig`` gives
+                ``OptCoreSFTConfig``); default: the class this config was read from, else ``TrainingArguments``.
+            **extra: TrainingArguments fields set on top (``disable_tqdm=True``, ``hub_token=...``).
         """
-        from hf_optcore.config.conversion import config_to_args
-
-        return config_to_args(self, **extra)
+        return conversion.config_to_args(self, args_class, **extra)
 
     @classmethod
     def from_training_arguments(cls, args: Any, overrides: list[str] | None = None) -> TrainerConfig:
@@ -144,24 +175,33 @@ class TrainerConfig:
         From plain ``TrainingArguments`` the extensions start in the state under which the Trainer
         behaves as ``transformers.Trainer`` (``data.batching='hf'``, retention from
         ``save_total_limit``); the overrides switch on what you want
-        (``["ema.enabled=true", "data.batching=bucket"]``). ``hub_token`` is never copied.
+        (``["ema.enabled=true", "data.batching=bucket"]``). Fields of a subclass (TRL's ``max_length``,
+        ``packing``, ...) are kept in ``training.extra_args``. ``hub_token`` is never copied.
         """
-        from hf_optcore.config.conversion import args_to_config
+        return conversion.args_to_config(args, cls, overrides)
 
-        return args_to_config(args, overrides)
+    def with_recipe_keys_of(self, other: TrainerConfig) -> TrainerConfig:
+        """A copy of this config whose recipe keys (``model.*``, ``data.train_path``, ...) are ``other``'s: they are
+        not Trainer arguments, so a view read back from the arguments takes them from the config the run began with."""
+        out = copy.deepcopy(self)
+        for link in field_links():
+            if link.kind == "recipe":
+                conversion._set_attr(out, link.path, copy.deepcopy(conversion._get(other, link.path)))
+        return out
 
 
 def render_reference() -> str:
     """Markdown table of every config key, its TrainingArguments field, default and help (kept in the README by a test)."""
-    from hf_optcore.config.training_args import field_links
-
     rows = ["| key | TrainingArguments field | default | meaning |", "|---|---|---|---|"]
     out_help = TrainerConfig.__dataclass_fields__["output_dir"].metadata["help"]
     rows.append(f"| `output_dir` | `output_dir` | `{json.dumps(TrainerConfig.output_dir)}` | {out_help} |")
     for link in field_links():
-        arg = link.arg if link.path != "training.extra_args" else "(each key is one)"
-        if link.path == "checkpoint.every_n_steps":
-            arg = "save_strategy / save_steps"
-        rows.append(f"| `{link.path}` | `{arg}`{'' if link.hf else ' (hf_optcore)'} | `{json.dumps(link.default)}` | "
-                    f"{link.help} |")
+        if link.kind == "recipe":
+            arg = "(recipe only)"
+        else:
+            arg = link.arg if link.path != "training.extra_args" else "(each key is one)"
+            if link.path == "checkpoint.every_n_steps":
+                arg = "save_strategy / save_steps"
+            arg = f"`{arg}`" + ("" if link.hf else " (hf_optcore)")
+        rows.append(f"| `{link.path}` | {arg} | `{json.dumps(link.default)}` | {link.help} |")
     return "\n".join(rows)

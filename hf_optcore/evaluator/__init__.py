@@ -113,14 +113,14 @@ class Evaluator:
         """Evaluate the live weights, then the EMA weights when an ``ema_manager`` is set.
 
         Returns:
-            ``loss``, ``perplexity``, ``token_accuracy``, ``num_tokens``, any extra metrics, and
-            with EMA the same prefixed ``ema_`` (``num_tokens`` excepted).
+            ``loss``, ``perplexity``, ``token_accuracy``, ``label_tokens``, any extra metrics, and
+            with EMA the same prefixed ``ema_`` (``label_tokens`` excepted).
         """
         results = self.evaluate_weights()
         if self.ema_manager is not None:
             with self.ema_manager.applied():
                 ema = self.evaluate_weights()
-            results.update({f"ema_{k}": v for k, v in ema.items() if k != "num_tokens"})
+            results.update({f"ema_{k}": v for k, v in ema.items() if k != "label_tokens"})
         return results
 
     @torch.no_grad()
@@ -156,7 +156,7 @@ class Evaluator:
             "loss": loss,
             "perplexity": math.exp(loss) if loss < 700 else float("inf"),
             "token_accuracy": acc,
-            "num_tokens": int(tokens),
+            "label_tokens": int(tokens),
         }
         for module in modules:
             for key, value in (module.compute() or {}).items():

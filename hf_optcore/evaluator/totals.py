@@ -76,20 +76,24 @@ class EvalTotals:
     The Trainer feeds it per batch: :meth:`begin_batch` with the batch's per-example label-token
     counts, then whatever the loss path knows exactly (:meth:`observe_outputs` with the model's
     logits, or :meth:`observe_stats` from a logits-free loss), then :meth:`end_batch` with the
-    batch loss. Without exact statistics the batch's loss counts for each of its tokens (its token
-    mean times its tokens), so a user's ``compute_loss`` or ``compute_loss_func`` is still weighted
-    by tokens. Per-example sums are gathered with ``gather_for_metrics``, which drops the examples
+    batch loss. The totals stand for the whole set only while every batch's loss is the token
+    cross-entropy those statistics describe (or its label-smoothed form): a user's ``compute_loss``
+    that returns something else (its own loss, or the model's plus a term) makes the pass a custom
+    loss, whose ``eval_loss`` is transformers' own and which has no perplexity (:meth:`metrics` is
+    then empty). Per-example sums are gathered with ``gather_for_metrics``, which drops the examples
     that Accelerate repeated to even out the last batch across ranks.
 
     Args:
         accelerator: the Trainer's ``Accelerator`` (None: one process).
         metrics: ``evaluate`` metric names, paths or modules computed on next-token predictions.
+        label_smoothing: the loss is label-smoothed (it is then not the NLL, and is weighted as given).
     """
 
-    def __init__(self, accelerator: Any = None, metrics: Iterable[Any] = ()):
+    def __init__(self, accelerator: Any = None, metrics: Iterable[Any] = (), label_smoothing: bool = False):
         self.accelerator = accelerator
         self.totals = torch.zeros(4, dtype=torch.float64)  # loss sum, NLL sum, tokens, correct
-        self.exact = True
+        self.exact = True  # every batch so far had a token loss with its statistics
+        self.label_smoothing = label_smoothing
         self.loss_only = True  # the batch's logits are not wanted (no compute_metrics): the chunked loss may run
         self.modules = load_eval_metrics(metrics)
         self._counts: torch.Tensor | None = None
@@ -129,15 +133,19 @@ class EvalTotals:
         if counts is None:
             return
         n = counts.double().cpu()
-        if self._stats is not None:
+        if self._stats is not None and loss is not None:
             nll, tokens, correct = self._stats.cpu().unbind(-1)
-            # A loss with label smoothing is not the NLL: its value (the batch's token mean) is what is weighted.
-            smoothed = loss is not None and self._label_smoothed(loss, nll, tokens)
-            loss_sum = float(loss) * n if smoothed else nll
+            if self.label_smoothing:
+                loss_sum = float(loss) * n  # label-smoothed: the batch's token mean is what is weighted
+            elif self._is_token_mean(loss, nll, tokens):
+                loss_sum = nll
+            else:
+                self.exact = False  # the returned loss is not the cross-entropy: a custom loss
+                loss_sum = nll
         else:
             self.exact = False
-            loss_sum = (float(loss) if loss is not None else float("nan")) * n
-            nll, tokens, correct = loss_sum, n, torch.zeros_like(n)
+            nll, tokens, correct = n * 0, n, n * 0
+            loss_sum = nll
         rows = torch.stack([loss_sum, nll, tokens, correct], dim=-1)
         if self.accelerator is not None:
             rows = self.accelerator.gather_for_metrics(rows.to(self.accelerator.device)).cpu()
@@ -147,9 +155,12 @@ class EvalTotals:
         self._counts = self._stats = self._preds = None
 
     @staticmethod
-    def _label_smoothed(loss: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor) -> bool:
+    def _is_token_mean(loss: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor) -> bool:
+        """Whether ``loss`` is the batch's token-mean cross-entropy (to the rounding of a bf16 forward)."""
         total = float(tokens.sum())
-        return total > 0 and not math.isclose(float(loss), float(nll.sum()) / total, rel_tol=1e-4, abs_tol=1e-6)
+        if total == 0:
+            return True
+        return math.isclose(float(loss), float(nll.sum()) / total, rel_tol=1e-3, abs_tol=1e-5)
 
     def _add_to_metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
         if self.accelerator is not None:
@@ -163,20 +174,18 @@ class EvalTotals:
             module.add_batch(predictions=p, references=r)
 
     def metrics(self) -> dict[str, float]:
-        """``loss``, ``perplexity``, ``num_tokens`` and, where every batch had exact statistics, ``token_accuracy``
-        and the extra metrics; empty when no batch was counted."""
+        """``loss``, ``perplexity``, ``token_accuracy``, ``label_tokens`` and the extra metrics of a pass whose every
+        batch had a token loss; empty when no batch was counted or the loss is a custom one (see the class)."""
         loss_sum, nll, tokens, correct = self.totals.tolist()
-        if tokens == 0:
+        if tokens == 0 or not self.exact:
             return {}
         loss = loss_sum / tokens
         mean_nll = nll / tokens
         out = {"loss": loss, "perplexity": math.exp(mean_nll) if mean_nll < 700 else float("inf"),
-               "num_tokens": int(tokens)}
-        if self.exact:
-            out["token_accuracy"] = correct / tokens
-            for module in self.modules:
-                for key, value in (module.compute() or {}).items():
-                    out[key if key not in out else f"{getattr(module, 'name', 'metric')}_{key}"] = value
+               "token_accuracy": correct / tokens, "label_tokens": int(tokens)}
+        for module in self.modules:
+            for key, value in (module.compute() or {}).items():
+                out[key if key not in out else f"{getattr(module, 'name', 'metric')}_{key}"] = value
         return out
 
 
