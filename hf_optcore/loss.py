@@ -311,6 +311,11 @@ def output_head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
     there before (Accelerate's device hooks, hf_optcore's fused LoRA) is put back on exit, always.
     Under ``DistributedDataParallel(find_unused_parameters=True)`` the bypass adds ``0 *`` one element
     of each trainable head parameter, so DDP does not mark the head unused before its gradients arrive.
+
+    Why a swap and not a public switch: transformers has none that returns only the final hidden states.
+    ``output_hidden_states=True`` with ``logits_to_keep=1`` would, but it keeps every layer's hidden states
+    alive until the loss (under activation checkpointing that is layers x batch x tokens x hidden more memory,
+    the very memory checkpointing saves), and a PEFT/DDP/compiled wrapper would still run the head once.
     """
     head = _base(model).get_output_embeddings()
     if head is None:

@@ -75,7 +75,7 @@ def resolve_arguments(args: Any, optcore_config: TrainerConfig | None, base: typ
     return merge_arguments(args, optcore_config)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _arguments_base_of(trainer_cls: type) -> type:
     """The ``TrainingArguments`` class a Trainer class's own ``__init__`` names for ``args`` (TRL's ``SFTTrainer``:
     ``SFTConfig``), read from its annotation; ``TrainingArguments`` when it names none."""

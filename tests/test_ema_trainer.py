@@ -188,16 +188,6 @@ def test_nan_metric_never_becomes_best(tmp_path):
     assert trainer.state.best_metric == 3.0
 
 
-def test_private_hooks_exist_in_installed_transformers():
-    from transformers import Trainer
-
-    # _optcore_evaluate mirrors evaluation_loop's model preparation and these private members.
-    assert list(inspect.signature(Trainer._wrap_model).parameters) == ["self", "model", "training", "dataloader"]
-    assert list(inspect.signature(Trainer._prepare_inputs).parameters) == ["self", "inputs"]
-    assert "_internal_call" in inspect.signature(Trainer.save_model).parameters
-    assert hasattr(Trainer, "_memory_tracker") or "_memory_tracker" in inspect.getsource(Trainer.__init__)
-
-
 def test_ema_resumes_exactly(tmp_path):
     cfg = _config(tmp_path, training={"max_steps": 6}, checkpoint={"every_n_steps": 3, "keep_last": 3})
     full = _trainer(cfg)
