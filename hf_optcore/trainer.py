@@ -250,9 +250,10 @@ class OptCoreMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         totals = self._optcore_eval
-        if totals is not None:
+        if totals is not None and self.compute_loss_func is None:
             # Evaluating: each batch's loss is its local token mean, weighted by its own tokens (EvalTotals), not
-            # normalised by a count gathered over ranks.
+            # normalised by a count gathered over ranks. A compute_loss_func keeps transformers' count: its loss is
+            # a custom one, whose eval_loss is transformers' own.
             num_items_in_batch = None
         if not self._chunked_loss_applies(model, inputs, return_outputs):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -245,3 +245,55 @@ def test_both_set_is_decided_on_what_was_set_never_on_equality_with_the_default(
     # transformers' default in args, the config sets a value: the config's value runs.
     plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     assert _tiny_trainer(tmp_path, plain, optcore_config=TrainerConfig.from_yaml(yaml_file)).args.learning_rate == 2e-4
+
+
+@dataclasses.dataclass
+class MyArgs(TrainingArguments):
+    """A script's own arguments class (module level, as pickle needs)."""
+
+    my_field: float = 0.0
+
+
+def test_a_users_arguments_subclass_trains_saves_and_reloads_with_the_extensions(tmp_path):
+    """A script's own TrainingArguments subclass (run_seq2seq's, the tests' RegressionTrainingArguments) gets
+    hf_optcore's fields composed over it; its checkpoints' training_args.bin pickles and loads (it once raised
+    PicklingError at the first save), keeps the subclass's own field and carries no token."""
+    args = MyArgs(output_dir=str(tmp_path), my_field=1.5, use_cpu=True, report_to="none", max_steps=2,
+                  per_device_train_batch_size=2, save_steps=2, hub_token="hf_SECRETsecret3")
+    data = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 7, 6, 4)]
+    from hf_optcore.data.collator import PaddingCollator
+
+    tok = build_tiny_tokenizer()
+    trainer = OptCoreTrainer(model=build_tiny_model("llama", seed=0), args=args, processing_class=tok,
+                             train_dataset=data, data_collator=PaddingCollator(tok.pad_token_id),
+                             optcore_config=TrainerConfig.from_training_arguments(args, ["ema.enabled=true"]))
+    assert isinstance(trainer.args, MyArgs) and trainer.args.ema_enabled and trainer.args.my_field == 1.5
+    trainer.train()
+    blob = (tmp_path / "checkpoint-2" / "training_args.bin").read_bytes()
+    assert b"SECRETsecret3" not in blob
+    loaded = torch.load(tmp_path / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert type(loaded) is type(trainer.args) and loaded.my_field == 1.5 and loaded.hub_token is None
+    assert pickle.loads(pickle.dumps(OptCoreTrainingArguments(output_dir="x"))).output_dir == "x"
+
+
+def test_a_compute_loss_func_is_evaluated_as_transformers_does(tmp_path):
+    """transformers passes the batch's label count to a compute_loss_func in evaluation too; so does hf_optcore."""
+    from transformers import Trainer
+
+    def summed_over_count(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"][:, :-1]
+        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else 1.0)
+
+    rows = [{"input_ids": torch.arange(3, 3 + n), "labels": torch.arange(3, 3 + n)} for n in (5, 7, 6, 4)]
+    from hf_optcore.data.collator import PaddingCollator
+
+    collate = PaddingCollator(build_tiny_tokenizer().pad_token_id)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=2)
+    model = build_tiny_model("llama", seed=0)
+    theirs = Trainer(model, args, eval_dataset=rows, data_collator=collate,
+                     compute_loss_func=summed_over_count).evaluate()["eval_loss"]
+    ours = OptCoreTrainer(model, args, eval_dataset=rows, data_collator=collate, compute_loss_func=summed_over_count,
+                          optcore_config=TrainerConfig.from_training_arguments(args, ["ema.enabled=true"])).evaluate()
+    assert ours["eval_loss"] == pytest.approx(theirs, rel=1e-6)

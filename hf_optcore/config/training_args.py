@@ -318,6 +318,13 @@ class OptCoreArguments:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
+    def __reduce__(self):
+        # A class that arguments_class_for() composed at run time is no module attribute pickle could look up:
+        # such an instance is pickled by its base class and rebuilt through arguments_class_for() on load.
+        cls = type(self)
+        key = (base_class_of(self), True) if cls.__dict__.get("_optcore_composed") else (cls, False)
+        return (_rebuild_arguments, key, self.__getstate__())
+
     def __deepcopy__(self, memo: dict) -> OptCoreArguments:
         # A deep copy inside the process keeps the token (a push still needs it); only pickles drop it.
         new = object.__new__(type(self))
@@ -332,6 +339,12 @@ class OptCoreArguments:
 
 
 _BY_BASE: dict[type, type] = {}
+
+
+def _rebuild_arguments(cls: type, composed: bool) -> OptCoreArguments:
+    """Unpickling: an empty instance of ``cls`` (of ``arguments_class_for(cls)`` when it was composed at run time);
+    its state is set next."""
+    return object.__new__(arguments_class_for(cls) if composed else cls)
 
 
 @dataclass
@@ -359,7 +372,7 @@ def arguments_class_for(base: type) -> type:
     if base not in _BY_BASE:
         # A class of the user's (or a library's) that hf_optcore has no class statement for: compose the two.
         _BY_BASE[base] = dataclasses.make_dataclass(f"OptCore{base.__name__}", [], bases=(OptCoreArguments, base),
-                                                    namespace={"__module__": base.__module__,
+                                                    namespace={"__module__": base.__module__, "_optcore_composed": True,
                                                                "__doc__": f"{base.__name__} with hf_optcore's fields."})
     return _BY_BASE[base]
 
