@@ -239,7 +239,9 @@ class OptCoreTrainer(Trainer):
         return output
 
     def _token_weighted_loop(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix):
-        self._optcore_eval = EvalTotals(self.accelerator, metrics=self.optcore_config.training.eval_metrics)
+        training = self.optcore_config.training
+        self._optcore_eval = EvalTotals(self.accelerator, metrics=training.eval_metrics,
+                                        trust_code=training.trust_metric_code)
         args, average = self.args, self.args.average_tokens_across_devices
         try:
             # Per batch, the loss is the local token mean (no cross-rank count): it is weighted by its own tokens.
