@@ -51,13 +51,18 @@ def _split_config(ns: argparse.Namespace, extra: list[str]) -> None:
     ns.overrides = tokens
 
 
-def _resolve(ns: argparse.Namespace, bare: bool = False):
+def _check_config_argument(ns: argparse.Namespace) -> None:
     from hf_optcore.config import ConfigError
-    from hf_optcore.recipes import sft
 
     if ns.config and "=" in ns.config and not Path(ns.config).exists():
         raise ConfigError([f"config file {ns.config!r} not found (an argument with '=' is an override only when "
                            f"written section.key=value or output_dir=value)"])
+
+
+def _resolve(ns: argparse.Namespace, bare: bool = False):
+    from hf_optcore.recipes import sft
+
+    _check_config_argument(ns)
     # The recipe's own function: the config train would run (the demo's when there is no CONFIG).
     return sft.build_config(ns.config, ns.overrides, bare=bare)
 
@@ -85,6 +90,7 @@ def cmd_show_config(ns: argparse.Namespace) -> int:
 def cmd_train(ns: argparse.Namespace) -> int:
     from hf_optcore.recipes import sft
 
+    _check_config_argument(ns)
     argv = ["--config", ns.config] if ns.config else []
     if ns.no_samples:
         argv.append("--no-samples")

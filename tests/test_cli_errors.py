@@ -143,9 +143,11 @@ def test_a_folder_as_config_says_it_is_a_folder(tmp_path, capsys):
 def test_a_missing_config_with_an_equals_sign_is_not_read_as_an_override(tmp_path, capsys, monkeypatch):
     # The rule: an override is section.key=value or output_dir=value; anything else is CONFIG.
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["validate", "x=y.yaml", "training.max_steps=3"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: config file 'x=y.yaml' not found (an argument with '=' is an "
-                                               "override only when written section.key=value or output_dir=value)")
+    for command in ("validate", "train", "show-config"):
+        assert cli.main([command, "x=y.yaml", "training.max_steps=3"]) == 2
+        assert capsys.readouterr().err.strip() == ("error: config file 'x=y.yaml' not found (an argument with '=' is "
+                                                   "an override only when written section.key=value or "
+                                                   "output_dir=value)")
     (tmp_path / "x=y.yaml").write_text(SMOKE.read_text())  # once it exists, it is the config
     assert cli.main(["validate", "x=y.yaml", "--bare", "training.max_steps=3", f"output_dir={tmp_path / 'o'}"]) == 0
     assert capsys.readouterr().out.strip() == "x=y.yaml: valid"
