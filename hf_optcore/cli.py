@@ -11,7 +11,8 @@ own :func:`~hf_optcore.recipes.sft.build_config`), so ``validate`` and ``show-co
 ``train`` would start; ``validate`` also runs the recipe's own checks before loading
 (:func:`~hf_optcore.recipes.sft.check_before_loading`: output dir, data files and rows, eval set, metric,
 packages, the model's own code, sequence length, resume), writing nothing. Overrides may come before or
-after flags; an override is ``section.key=value`` or ``output_dir=value``, any other argument is CONFIG.
+after flags; an override is ``section.key=value``, ``output_dir=value`` or ``section={...}``, any other argument is
+CONFIG.
 
 Exit status: 0 ok, 2 bad input: every problem printed on stderr as one ``error: ...`` line, no
 traceback (``--debug`` raises instead, to show one). Only bugs print tracebacks.
@@ -28,15 +29,18 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-# A dotted config key: ``output_dir``, ``section.key`` or deeper (``model.lora.r``).
-_OVERRIDE_KEY = re.compile(r"^(output_dir|[A-Za-z_]\w*(\.[A-Za-z_]\w*)+)$")
+# A dotted config key: ``section.key`` or deeper (``model.lora.r``).
+_DOTTED_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
 def _is_override(token: str) -> bool:
-    """An override is ``section.key=value`` (or ``output_dir=value``); any other token is CONFIG, even with an
-    ``=`` in it, so that a mistyped or missing ``x=y.yaml`` is "config file not found", never an override."""
+    """An override is ``section.key=value``, ``output_dir=value`` or ``section={...}``; any other token is CONFIG,
+    even with an ``=`` in it, so that a missing ``x=y.yaml`` is "config file not found", never an override."""
+    from hf_optcore.config.sections import SECTIONS
+
     key = token.split("=", 1)[0].strip()
-    return "=" in token and bool(_OVERRIDE_KEY.match(key)) and not Path(token).is_file()
+    is_key = key == "output_dir" or key in SECTIONS or bool(_DOTTED_KEY.match(key))
+    return "=" in token and is_key and not Path(token).is_file()
 
 
 def _split_config(ns: argparse.Namespace, extra: list[str]) -> None:
