@@ -52,6 +52,9 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         val = getattr(t, key)
         need(val >= 1, f"training.{key}: must be >= 1, got {val}")
+    need(t.max_steps != 0,
+         f"training.max_steps: 0 would train no step; use a number of optimizer steps > 0, or -1 (the default) to "
+         f"train training.num_train_epochs ({t.num_train_epochs:g})")
     need(t.max_steps > 0 or t.num_train_epochs > 0,
          f"training.max_steps / training.num_train_epochs: one must be > 0, got {t.max_steps} and {t.num_train_epochs}")
     need(t.warmup_steps >= 0, f"training.warmup_steps: must be >= 0 (steps) or in [0, 1) (ratio), got {t.warmup_steps}")
@@ -90,6 +93,12 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
         need(bool(t.hub_model_id), "training.hub_model_id: required when training.push_to_hub is true")
     if t.push_variant == "ema":
         need(e.enabled, "training.push_variant: 'ema' pushes the EMA weights, which needs ema.enabled=true")
+    for key in ("seed", "data_seed"):
+        val = getattr(t, key)
+        if val is not None:  # numpy's generator, which transformers seeds, takes 32-bit unsigned seeds only
+            need(0 <= val < 2**32, f"training.{key}: must be in [0, 2**32 - 1], got {val}")
+    p.extend(_extra_args_problems(t.extra_args, getattr(cfg, "arguments_base", None)))
+    p.extend(_metric_code_problems(t.eval_metrics, t.trust_metric_code))
     for key in t.extra_args:
         need(not str(key).endswith("_token"),
              f"training.extra_args.{key}: a secret does not belong in a config (it would be written to config.yaml "
@@ -114,10 +123,20 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
         p.append(f"training.optimizer: the optimizer registry cannot be imported ({exc})")
 
     # ---- hardware ----
+    probe_devices = cuda_available is None
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
+    if h.bf16 and not h.use_cpu:
+        # transformers.TrainingArguments refuses bf16 on a machine without a bf16 GPU (or XLA) unless use_cpu.
+        bf16_device = cuda_available
+        if probe_devices:
+            from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+            bf16_device = is_torch_bf16_gpu_available() or is_torch_xla_available()
+        need(bf16_device, "hardware.bf16: this machine has no GPU that runs bfloat16; set hardware.use_cpu=true to "
+                          "train in bfloat16 on the CPU, or hardware.bf16=false")
     need(not (h.bf16 and h.fp16), "hardware.bf16 / hardware.fp16: choose one mixed-precision mode, got both true")
     if h.fp16:
         need(cuda_available and not h.use_cpu,
@@ -180,9 +199,67 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
     # A non-finite value passes every range check above (inf > 0) and then ruins the run: weights are
     # NaN after one step. Such a key is reported once, as non-finite, instead of also out of range.
     bad = nonfinite_values(cfg)
-    keys = tuple(f"{key}:" for key, _ in bad)
+    huge = oversized_ints(cfg)
+    keys = tuple(f"{key}:" for key, _ in bad + huge)
     return [f"{key}: must be a finite number, got {value}" for key, value in bad] + [
-        msg for msg in p if msg and not msg.startswith(keys)]
+        f"{key}: {value} does not fit in 64 bits (the most is {INT64_MAX}); give a value the run can use"
+        for key, value in huge] + [msg for msg in p if msg and not msg.startswith(keys)]
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _extra_args_problems(extra_args: dict, base: type | None = None) -> list[str]:
+    """``training.extra_args`` keys that are not fields of the arguments class (``transformers.TrainingArguments``,
+    or the subclass a config was read from, e.g. TRL's ``SFTConfig``), with a did-you-mean."""
+    if not extra_args:
+        return []
+    from transformers import TrainingArguments
+
+    from hf_optcore.errors import did_you_mean
+
+    cls = base or TrainingArguments
+    names = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    where = "transformers.TrainingArguments" if cls is TrainingArguments else cls.__name__
+    return [f"training.extra_args.{key}: not a {where} field{did_you_mean(key, names)}"
+            for key in extra_args if key not in names]
+
+
+def is_metric_code(spec: Any) -> bool:
+    """Whether ``training.eval_metrics`` entry ``spec`` loads code other than evaluate's own metrics: a local script
+    or folder, or a Hub metric of another owner (``owner/name``). A bare name is a metric of the ``evaluate-metric``
+    organisation unless a file or folder of that name is here (``evaluate.load`` then runs the local one)."""
+    import os
+
+    if hasattr(spec, "compute"):  # a metric object the caller built: nothing is loaded
+        return False
+    name = str(spec)
+    return name.endswith(".py") or "/" in name or os.sep in name or os.path.exists(name) \
+        or os.path.exists(f"{name}.py")
+
+
+def _metric_code_problems(metrics: list, trusted: bool) -> list[str]:
+    if trusted:
+        return []
+    return [f"training.eval_metrics: {str(m)!r} is metric code that would run when it loads (a local script or "
+            f"folder, or another owner's Hub metric); set training.trust_metric_code=true if you trust it"
+            for m in metrics if is_metric_code(m)]
+
+
+def oversized_ints(obj: Any, path: str = "") -> list[tuple[str, int]]:
+    """``(dotted key, value)`` of every integer beyond 64 bits anywhere in ``obj`` (torch, numpy and the
+    dataloader take none of them; Python's ints would otherwise carry them into a meaningless run)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        return [hit for i, v in enumerate(obj) for hit in oversized_ints(v, f"{path}[{i}]")]
+    elif isinstance(obj, int) and not isinstance(obj, bool) and not -INT64_MAX - 1 <= obj <= INT64_MAX:
+        return [(path, obj)]
+    else:
+        return []
+    return [hit for k, v in items for hit in oversized_ints(v, f"{path}.{k}" if path else str(k))]
 
 
 def nonfinite_values(obj: Any, path: str = "") -> list[tuple[str, float]]:

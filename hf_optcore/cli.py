@@ -6,10 +6,13 @@
     hf-optcore list-optimizers [--filter adam*]           # the optimizer (and scheduler) registries
     hf-optcore report RUN_DIR                             # report.png + report.md for a run directory
 
-CONFIG is a YAML file merged over the recipe's embedded default, exactly as ``train`` does, so
-``validate`` and ``show-config`` describe the run ``train`` would start; ``validate`` also runs the
-recipe's preflight (:mod:`hf_optcore.preflight`: output dir, data files, eval set, metric, packages,
-sequence length, resume), writing nothing. Overrides may come before or after flags.
+CONFIG is a YAML file merged over the recipe's embedded default, exactly as ``train`` does (the recipe's
+own :func:`~hf_optcore.recipes.sft.build_config`), so ``validate`` and ``show-config`` describe the run
+``train`` would start; ``validate`` also runs the recipe's own checks before loading
+(:func:`~hf_optcore.recipes.sft.check_before_loading`: output dir, data files and rows, eval set, metric,
+packages, the model's own code, sequence length, resume), writing nothing. Overrides may come before or
+after flags; an override is ``section.key=value``, ``output_dir=value`` or ``section={...}``, any other argument is
+CONFIG.
 
 Exit status: 0 ok, 2 bad input: every problem printed on stderr as one ``error: ...`` line, no
 traceback (``--debug`` raises instead, to show one). Only bugs print tracebacks.
@@ -18,14 +21,26 @@ traceback (``--debug`` raises instead, to show one). Only bugs print tracebacks.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
 __all__ = ["main"]
 
 
+# A dotted config key: ``section.key`` or deeper (``model.lora.r``).
+_DOTTED_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
 def _is_override(token: str) -> bool:
-    return "=" in token and not Path(token).is_file()
+    """An override is ``section.key=value``, ``output_dir=value`` or ``section={...}``; any other token is CONFIG,
+    even with an ``=`` in it, so that a missing ``x=y.yaml`` is "config file not found", never an override."""
+    from hf_optcore.config.sections import SECTIONS
+
+    key = token.split("=", 1)[0].strip()
+    is_key = key == "output_dir" or key in SECTIONS or bool(_DOTTED_KEY.match(key))
+    return "=" in token and is_key and not Path(token).is_file()
 
 
 def _split_config(ns: argparse.Namespace, extra: list[str]) -> None:
@@ -40,19 +55,20 @@ def _split_config(ns: argparse.Namespace, extra: list[str]) -> None:
     ns.overrides = tokens
 
 
-def _recipe_default() -> dict | None:
-    try:
-        from hf_optcore.recipes import sft
-    except ImportError:
-        return None
-    return getattr(sft, "DEFAULT_CONFIG", None)
+def _check_config_argument(ns: argparse.Namespace) -> None:
+    from hf_optcore.config import ConfigError
+
+    if ns.config and "=" in ns.config and not Path(ns.config).exists():
+        raise ConfigError([f"config file {ns.config!r} not found (an argument with '=' is an override only when "
+                           f"written section.key=value or output_dir=value)"])
 
 
 def _resolve(ns: argparse.Namespace, bare: bool = False):
-    from hf_optcore.config import TrainerConfig
+    from hf_optcore.recipes import sft
 
-    base = None if bare else _recipe_default()
-    return TrainerConfig.from_sources(ns.config, ns.overrides, base=base)
+    _check_config_argument(ns)
+    # The recipe's own function: the config train would run (the demo's when there is no CONFIG).
+    return sft.build_config(ns.config, ns.overrides, bare=bare)
 
 
 def print_errors(exc: BaseException) -> None:
@@ -62,10 +78,10 @@ def print_errors(exc: BaseException) -> None:
 
 
 def cmd_validate(ns: argparse.Namespace) -> int:
-    from hf_optcore.preflight import check_preflight
+    from hf_optcore.recipes import sft
 
     config = _resolve(ns, ns.bare)
-    check_preflight(config)
+    sft.check_before_loading(config)  # exactly what train checks before the model loads
     print(f"{ns.config or 'embedded default'}: valid")
     return 0
 
@@ -78,6 +94,7 @@ def cmd_show_config(ns: argparse.Namespace) -> int:
 def cmd_train(ns: argparse.Namespace) -> int:
     from hf_optcore.recipes import sft
 
+    _check_config_argument(ns)
     argv = ["--config", ns.config] if ns.config else []
     if ns.no_samples:
         argv.append("--no-samples")
@@ -199,12 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     from hf_optcore.report import ReportError
 
     try:
-        return ns.func(ns)
+        status = ns.func(ns)
+        sys.stdout.flush()  # inside the try: a closed pipe fails here at the latest, not at interpreter exit
+        return status
     except (ConfigError, OptCoreError, ReportError) as exc:
         if ns.debug:
             raise
         print_errors(exc)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`hf-optcore list-optimizers | head -1`): what it read is all it wanted. Point
+        # stdout at /dev/null so that the interpreter's last flush does not fail again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

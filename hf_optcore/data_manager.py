@@ -21,7 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from hf_optcore.config import DataConfig
 from hf_optcore.data.collator import PaddingCollator
 from hf_optcore.data.encoding import ExampleEncoder, TokenizedDataset
-from hf_optcore.data.loading import check_records, detect_format, read_records
+from hf_optcore.data.loading import check_records, detect_format, empty_completions, read_records
 from hf_optcore.data.packing import PackedDataset
 from hf_optcore.data.samplers import (
     BucketBatchSampler,
@@ -145,6 +145,20 @@ class DataManager:
             split: ``"train"`` or ``"eval"``: the key of this dataset in ``stats``.
             locations: ``locations[i]`` names example ``i`` in ``source`` (default ``example <i>``).
         """
+        examples, fmt = self.check_examples(examples, source, locations, warn=True)
+        ds = self.encoder.encode_all(examples, fmt, source, locations)
+        self.stats[split] = ds.stats.as_dict() | {"source": source}
+        return ds
+
+    def check_examples(self, examples: list[Any], source: str = "<list>", locations: list[str] | None = None,
+                       warn: bool = False) -> tuple[list[dict], str]:
+        """The checks of :meth:`build_dataset` before tokenizing; ``(examples as dicts, their format)``.
+
+        Besides every row's fields, the responses are looked at: when every example's completion (the
+        response, the assistant turns, the text) is empty and only completions are trained on, nothing but the end
+        of a turn would be learned, which is a :class:`DataError`; when at least half are empty, ``warn`` logs a
+        warning saying how many.
+        """
         if not examples:
             raise DataError(f"{source}: the dataset is empty (no examples)")
         if all(isinstance(e, str) for e in examples):
@@ -158,9 +172,50 @@ class DataManager:
             raise DataError(f"{source}: examples must all be strings or all dicts, got {', '.join(kinds)}")
         fmt = detect_format(columns, self.data_config.format, self._fields(), source)
         check_records(examples, fmt, self._fields(), source, locations)
-        ds = self.encoder.encode_all(examples, fmt, source, locations)
-        self.stats[split] = ds.stats.as_dict() | {"source": source}
-        return ds
+        empty = empty_completions(examples, fmt, self._fields())
+        d = self.data_config
+        what = {"instruction": f"field {d.response_field!r}", "text": f"field {d.text_field!r}",
+                "chat": "every assistant turn"}[fmt]
+        if empty == len(examples) and (d.completion_only_loss or fmt == "text"):
+            raise DataError(f"{source}: {what} is empty in every example ({empty} of {empty}), so training would "
+                            f"only learn to end a turn at once; fill in the responses")
+        if warn and 2 * empty >= len(examples):
+            logger.warning("%s: %s is empty in %d of %d examples; the model learns to answer those with nothing",
+                           source, what, empty, len(examples))
+        return examples, fmt
+
+    def _read_splits(self, local_only: bool = False) -> tuple[list | None, list | None, str | None]:
+        """``(train_rows, eval_rows, eval_source)`` as :meth:`load_datasets` uses them: ``(row, location)`` pairs
+        after the held-out split and ``max_*_samples``. With ``local_only`` a ``hub:`` source is not read (None)."""
+        d = self.data_config
+        if not d.train_path:
+            raise DataError("data.train_path: no training data given (a file path or 'hub:<dataset id>')")
+
+        def read(path: str, split: str) -> list | None:
+            if local_only and path.startswith("hub:"):
+                return None
+            records = read_records(path, d.hub_config_name, split)
+            # (row, where it is in its file) pairs, so that every error names the file's own line or row.
+            return list(zip(records, records.locations))
+
+        train_rows = read(d.train_path, d.hub_train_split)
+        eval_rows, eval_source = None, None
+        if d.eval_path:
+            eval_rows = read(d.eval_path, d.hub_eval_split or d.hub_train_split)
+            eval_source = d.eval_path
+        elif d.eval_split_ratio > 0 and train_rows is not None and len(train_rows) > 1:
+            order = list(range(len(train_rows)))
+            random.Random(self.seed).shuffle(order)
+            n_eval = min(len(train_rows) - 1, max(1, round(len(train_rows) * d.eval_split_ratio)))
+            held = set(order[:n_eval])
+            eval_rows = [r for i, r in enumerate(train_rows) if i in held]
+            train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+            eval_source = f"{d.train_path} (held-out {d.eval_split_ratio:g})"
+        if train_rows is not None and d.max_train_samples is not None:
+            train_rows = train_rows[: d.max_train_samples]
+        if eval_rows is not None and d.max_eval_samples is not None:
+            eval_rows = eval_rows[: d.max_eval_samples]
+        return train_rows, eval_rows, eval_source
 
     def load_datasets(self) -> tuple[TokenizedDataset, TokenizedDataset | None]:
         """Read ``data.train_path`` (and ``eval_path``, else hold out ``eval_split_ratio`` of train).
@@ -170,33 +225,34 @@ class DataManager:
             examples are logged and kept in ``self.stats``.
         """
         d = self.data_config
-        if not d.train_path:
-            raise DataError("data.train_path: no training data given (a file path or 'hub:<dataset id>')")
-        records = read_records(d.train_path, d.hub_config_name, d.hub_train_split)
-        # (row, where it is in its file) pairs, so that every error names the file's own line or row.
-        train_rows = list(zip(records, records.locations))
-        eval_rows, eval_source = None, None
-        if d.eval_path:
-            records = read_records(d.eval_path, d.hub_config_name, d.hub_eval_split or d.hub_train_split)
-            eval_rows = list(zip(records, records.locations))
-            eval_source = d.eval_path
-        elif d.eval_split_ratio > 0 and len(train_rows) > 1:
-            order = list(range(len(train_rows)))
-            random.Random(self.seed).shuffle(order)
-            n_eval = min(len(train_rows) - 1, max(1, round(len(train_rows) * d.eval_split_ratio)))
-            held = set(order[:n_eval])
-            eval_rows = [r for i, r in enumerate(train_rows) if i in held]
-            train_rows = [r for i, r in enumerate(train_rows) if i not in held]
-            eval_source = f"{d.train_path} (held-out {d.eval_split_ratio:g})"
-        if d.max_train_samples is not None:
-            train_rows = train_rows[: d.max_train_samples]
-        if eval_rows is not None and d.max_eval_samples is not None:
-            eval_rows = eval_rows[: d.max_eval_samples]
+        train_rows, eval_rows, eval_source = self._read_splits()
         train = self.build_dataset([r for r, _ in train_rows], d.train_path, "train", [w for _, w in train_rows])
+        self._check_batch_size(len(train))
         evald = None
         if eval_rows:
             evald = self.build_dataset([r for r, _ in eval_rows], eval_source, "eval", [w for _, w in eval_rows])
         return train, evald
+
+    def check_datasets(self) -> None:
+        """Every check of :meth:`load_datasets` that needs no tokenizer, on the local files (``hub:`` sources are
+        not read): the files read, every row well-formed for the format, not every completion empty.
+
+        Raises:
+            DataError: the first problem, worded as :meth:`load_datasets` words it.
+        """
+        d = self.data_config
+        train_rows, eval_rows, eval_source = self._read_splits(local_only=True)
+        for rows, source in ((train_rows, d.train_path), (eval_rows, eval_source)):
+            if rows is not None:
+                self.check_examples([r for r, _ in rows], source, [w for _, w in rows])
+
+    def _check_batch_size(self, n_examples: int) -> None:
+        # A batch cannot hold more examples than there are: say what a larger per-device batch means.
+        batch = getattr(self.training, "per_device_train_batch_size", None)
+        if isinstance(batch, int) and batch > n_examples and self.data_config.batching in ("random", "bucket", "hf"):
+            logger.warning("training.per_device_train_batch_size=%d is more than the %d training examples: every "
+                           "batch holds at most %d (each optimizer step sees the whole training set)", batch,
+                           n_examples, n_examples)
 
     # ---- batching -------------------------------------------------------------------------
 

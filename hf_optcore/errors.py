@@ -35,3 +35,23 @@ def did_you_mean(name: str, valid, cutoff: float = 0.6) -> str:
 
     close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def not_a_file(path) -> str | None:
+    """What ``path`` is when it exists but is not a regular file (``"a directory"``, ``"a named pipe (FIFO)"``,
+    ...), else None. Found with ``stat`` only: a FIFO or a device is never opened (reading one can block)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"

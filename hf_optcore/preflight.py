@@ -5,10 +5,16 @@ names, and returns every problem at once, one line each, naming the dotted key o
 
 - ``output_dir`` can be written (an existing one is a writable directory, else its nearest
   existing ancestor is); nothing is created to find out;
-- the data files exist; an evaluation (``training.eval_strategy``, ``eval_on_start``,
+- the data files exist and are regular files (a directory or a FIFO is named as such, never opened); their
+  rows are what the recipe's data loading checks before tokenizing (:meth:`DataManager.check_datasets
+  <hf_optcore.data_manager.DataManager.check_datasets>`: readable, every row well-formed for the format, not
+  every completion empty); an evaluation (``training.eval_strategy``, ``eval_on_start``,
   ``load_best_model_at_end``) has an eval set to run on;
 - ``training.metric_for_best_model`` is a metric evaluation will produce;
-- the packages the optimizer, scheduler and options need are installed;
+- the packages the optimizer, scheduler and options need are installed; ``hardware.dataloader_num_workers``
+  is at most 4 per CPU of this machine;
+- the model loads without running code of its own, unless ``model.trust_remote_code``
+  (:func:`remote_code_needed`, from its ``config.json``);
 - ``data.max_seq_len`` fits the model's positions, read from its config only (never the weights);
 - ``checkpoint.resume_from`` is present and intact (``auto`` with nothing to resume is fine), and the
   checkpoint is compatible with this run: the same optimizer, and the same per-device batch,
@@ -20,7 +26,8 @@ names, and returns every problem at once, one line each, naming the dotted key o
   changes no config field that ``checkpoint.allow_changes`` does not list (whose entries must be keys).
 
 The recipe (and ``hf-optcore train``) runs it after config validation and before the tokenizer and
-the model load; ``hf-optcore validate`` runs the same checks. Non-finite numbers are rejected earlier,
+the model load; ``hf-optcore validate`` runs the same checks through the same function
+(:func:`hf_optcore.recipes.sft.check_before_loading`). Non-finite numbers are rejected earlier,
 by config validation itself.
 """
 
@@ -34,14 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from hf_optcore import allocator
+from hf_optcore.errors import not_a_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EVAL_METRICS", "check_preflight", "model_max_positions", "preflight"]
+__all__ = ["EVAL_METRICS", "check_preflight", "model_max_positions", "preflight", "remote_code_needed"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What hf_optcore's evaluation reports (prefixed ``eval_``); with EMA also ``eval_ema_*`` except label_tokens.
 EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "label_tokens")
+# More dataloader workers than this many per CPU only fight over the CPUs (and a huge number forks the machine
+# to a halt); torch's DataLoader already warns above one per CPU.
+_WORKERS_PER_CPU = 4
 _TOPOLOGY = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
 
 
@@ -126,13 +137,24 @@ def _data_problems(config: Any) -> list[str]:
     problems = []
     if not d.train_path:
         problems.append("data.train_path: no training data given (a file path or 'hub:<dataset id>')")
+    resolved = {}
     for key in ("train_path", "eval_path"):
         value = getattr(d, key)
         if not value or value.startswith("hub:"):
             continue
         # The recipe tries a relative path against the working directory, then the repository.
-        if not Path(value).expanduser().exists() and not (REPO_ROOT / value).exists():
+        path = Path(value).expanduser()
+        if not path.exists() and (REPO_ROOT / value).exists():
+            path = REPO_ROOT / value
+        what = not_a_file(path)
+        if not path.exists():
             problems.append(f"data.{key}: file {value!r} not found")
+        elif what is not None:
+            problems.append(f"data.{key}: {value!r} is {what}, not a data file")
+        else:
+            resolved[key] = str(path)
+    if not problems and resolved:
+        problems += _data_content_problems(config, resolved)
     if not d.eval_path and d.eval_split_ratio == 0:
         no_eval = "there is no eval set (data.eval_path is unset and data.eval_split_ratio is 0)"
         fix = "set data.eval_path or data.eval_split_ratio"
@@ -144,6 +166,22 @@ def _data_problems(config: Any) -> list[str]:
         if t.load_best_model_at_end:
             problems.append(f"training.load_best_model_at_end: ranks checkpoints by evaluation, but {no_eval}; {fix}")
     return problems
+
+
+def _data_content_problems(config: Any, resolved: dict[str, str]) -> list[str]:
+    """What the recipe's data loading would refuse before tokenizing (rows, format, empty completions), read
+    without a tokenizer; ``hub:`` datasets are not read."""
+    import dataclasses
+
+    from hf_optcore.data_manager import DataManager
+    from hf_optcore.errors import DataError
+
+    data = dataclasses.replace(config.data, **resolved)
+    try:
+        DataManager(config.training, config.hardware, None, data_config=data).check_datasets()
+    except DataError as exc:
+        return [str(exc)]
+    return []
 
 
 def _metric_name(spec: Any) -> str:
@@ -213,6 +251,10 @@ def _package_problems(config: Any) -> list[str]:
         allocator.plan(h.cpu_allocator)
     except ValueError as exc:
         problems.append(str(exc))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if h.dataloader_num_workers > _WORKERS_PER_CPU * cpus:
+        problems.append(f"hardware.dataloader_num_workers: {h.dataloader_num_workers} worker processes per training "
+                        f"process on a machine with {cpus} CPU(s); use at most {_WORKERS_PER_CPU * cpus}")
     return problems
 
 
@@ -283,13 +325,81 @@ def model_max_positions(model_config: Any) -> int | None:
     return _positions_of(cfg) if cfg is not None else None
 
 
+def _saved_config(src: Any, revision: str | None) -> dict | None:
+    """The ``config.json`` of a local or cached Hub model as a dict (nothing is downloaded), else None."""
+    import json
+
+    if src.kind == "local":
+        path = Path(src.path) / "config.json"
+    elif src.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(src.path, "config.json", revision=revision)
+        path = Path(cached) if isinstance(cached, str) else None
+    else:
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def remote_code_needed(model_config: Any) -> str | None:
+    """The class a model's own code defines (``auto_map`` of its ``config.json``) when loading it runs that code,
+    i.e. transformers has no class of its own for its ``model_type``; None when it loads without (or is unknown).
+
+    Raises:
+        ModelLoadError: ``model.name_or_path`` names nothing that exists.
+    """
+    from hf_optcore.model_manager.loading import resolve_source
+
+    src = resolve_source(model_config.name_or_path, model_config.gguf_file, model_config.revision)
+    saved = _saved_config(src, model_config.revision)
+    auto_map = (saved or {}).get("auto_map")
+    if not isinstance(auto_map, dict) or not auto_map:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if saved.get("model_type") in CONFIG_MAPPING_NAMES:
+        return None  # transformers' own class is used unless trust_remote_code
+    target = auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoConfig") or next(iter(auto_map.values()))
+    return str(target[0] if isinstance(target, (list, tuple)) and target else target)
+
+
+def _chat_template_problems(config: Any) -> list[str]:
+    """A ``model.chat_template`` that the tokenizer would refuse (see :func:`~hf_optcore.model_manager.
+    check_chat_template`), rendered by transformers' own renderer without loading the tokenizer."""
+    template = config.model.chat_template
+    if not template:
+        return []
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from hf_optcore.errors import ModelLoadError
+    from hf_optcore.model_manager import check_chat_template
+
+    try:
+        check_chat_template(lambda conv: render_jinja_template([conv], chat_template=template), "model.chat_template")
+    except ModelLoadError as exc:
+        return [str(exc)]
+    return []
+
+
 def _model_problems(config: Any) -> list[str]:
     from hf_optcore.errors import ModelLoadError
 
+    problems = _chat_template_problems(config)
+    if problems:
+        return problems
+
     try:
-        positions = model_max_positions(config.model)
+        code = None if config.model.trust_remote_code else remote_code_needed(config.model)
+        positions = model_max_positions(config.model) if code is None else None
     except ModelLoadError as exc:
         return [str(exc)]
+    if code is not None:
+        return [f"model.trust_remote_code: model {config.model.name_or_path!r} is defined by its own code ({code}), "
+                f"which runs when it loads; set model.trust_remote_code=true only if you trust that code"]
     n = config.data.max_seq_len
     if positions is not None and n > positions:
         return [f"data.max_seq_len: {n} is more than the {positions} positions of model "

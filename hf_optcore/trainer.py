@@ -351,7 +351,9 @@ class OptCoreMixin:
         return output
 
     def _token_weighted_loop(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix):
-        self._optcore_eval = EvalTotals(self.accelerator, metrics=self.optcore_config.training.eval_metrics,
+        training = self.optcore_config.training
+        self._optcore_eval = EvalTotals(self.accelerator, metrics=training.eval_metrics,
+                                        trust_code=training.trust_metric_code,
                                         label_smoothing=self.args.label_smoothing_factor > 0)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,

@@ -128,3 +128,35 @@ def test_a_model_without_chat_template_while_samples_are_on_fails_before_loading
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("error: model.chat_template: the tokenizer of 'tiny:llama' has no chat template")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_as_config_says_it_is_a_folder(tmp_path, capsys):
+    from hf_optcore.recipes import sft
+
+    expected = f"error: config file {str(tmp_path)!r} is a directory, not a YAML file"
+    assert cli.main(["validate", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == expected
+    assert sft.main(["--config", str(tmp_path), "--no-samples"]) == 2
+    assert capsys.readouterr().err.strip() == expected
+
+
+def test_a_missing_config_with_an_equals_sign_is_not_read_as_an_override(tmp_path, capsys, monkeypatch):
+    # The rule: an override is section.key=value or output_dir=value; anything else is CONFIG.
+    monkeypatch.chdir(tmp_path)
+    for command in ("validate", "train", "show-config"):
+        assert cli.main([command, "x=y.yaml", "training.max_steps=3"]) == 2
+        assert capsys.readouterr().err.strip() == ("error: config file 'x=y.yaml' not found (an argument with '=' is "
+                                                   "an override only when written section.key=value or "
+                                                   "output_dir=value)")
+    (tmp_path / "x=y.yaml").write_text(SMOKE.read_text())  # once it exists, it is the config
+    assert cli.main(["validate", "x=y.yaml", "--bare", "training.max_steps=3", f"output_dir={tmp_path / 'o'}"]) == 0
+    assert capsys.readouterr().out.strip() == "x=y.yaml: valid"
+
+
+def test_list_optimizers_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `hf-optcore list-optimizers | head -1`: the reader is gone before the output is written.
+    proc = subprocess.Popen([sys.executable, "-m", "hf_optcore.cli", "list-optimizers", "--schedulers"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""

@@ -1,6 +1,8 @@
 """TrainerConfig: round trips, overrides, and every validation path (all problems at once)."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,79 @@ def test_readme_config_reference_is_in_sync():
         "README config reference is stale: regenerate with `hf-optcore config-reference` or "
         "python -c 'from hf_optcore.config import render_reference; print(render_reference())'"
     )
+
+
+# ---- a config from someone else: duplicate keys, aliases, size and depth ------------------------------------------
+
+
+def _load_error(path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    (problem,) = info.value.problems
+    return problem
+
+
+@pytest.mark.parametrize("text, key, first, second", [
+    ("training:\n  learning_rate: 1.0e-3\n  max_steps: 3\n  learning_rate: 5.0\n", "training.learning_rate", 2, 4),
+    ("model:\n  lora:\n    r: 4\n    alpha: 8\n    r: 16\n", "model.lora.r", 3, 5),
+    ("training: {max_steps: 3}\noutput_dir: a\ntraining: {max_steps: 4}\n", "training", 1, 3),
+    ("training:\n  extra_args: {save_only_model: true, 'save_only_model': false}\n",
+     "training.extra_args.save_only_model", 2, 2),
+])
+def test_a_key_set_twice_names_the_key_and_both_lines(tmp_path, text, key, first, second):
+    # Before, the later value won silently (learning_rate 5.0 trained to an eval loss of 55).
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    assert _load_error(path) == (f"config file {str(path)!r}: duplicate key {key} at {path}:{second} (first at "
+                                 f"{path}:{first}); the later value would silently win, keep one")
+
+
+def test_anchors_aliases_and_merge_keys_still_load(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("base: &base {learning_rate: 0.1, max_steps: 3}\n"
+                    "training:\n  <<: *base\n  max_steps: 5\n  lr_multipliers: {a: &m 2.0, b: *m}\n")
+    assert load_yaml(path) == {"base": {"learning_rate": 0.1, "max_steps": 3},
+                               "training": {"learning_rate": 0.1, "max_steps": 5, "lr_multipliers": {"a": 2.0, "b": 2.0}}}
+
+
+BILLION_LAUGHS = "training:\n  extra_args:\n    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+
+
+def test_an_alias_bomb_is_refused_at_once_with_one_line(tmp_path):
+    # safe_load shares aliased nodes, but merging, validation, the fingerprint and config.yaml walk 9**9 values.
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BILLION_LAUGHS)
+    expected = (f"error: config file {str(path)!r}, line 8: training.extra_args.l5 expands to more than 100000 "
+                f"values through its aliases (*name); a config is far smaller")
+    # The guard against a hang is the subprocess timeout; the refusal itself is immediate.
+    proc = subprocess.run([sys.executable, "-m", "hf_optcore.cli", "validate", "--bare", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == expected, proc.stderr
+    # The same bounds hold for a value given on the command line.
+    bomb = "{" + ", ".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else 'lol'}]" for i in range(9)) + "}"
+    with pytest.raises(ConfigError, match=r"override training.extra_args: cannot parse value .*expands to more than"):
+        parse_overrides([f"training.extra_args={bomb}"])
+
+
+def test_recursive_aliases_deep_nesting_many_aliases_and_size_are_refused(tmp_path):
+    cases = {
+        "rec.yaml": ("training:\n  extra_args: &x {a: [*x]}\n",
+                     "line 2: training.extra_args.a[0] is an alias of a value that contains it (a recursive structure)"),
+        "deep.yaml": ("training:\n  extra_args: {a: " + "[" * 300 + "]" * 300 + "}\n",
+                      "line 2: nested more than 64 levels deep"),
+        "aliases.yaml": ("v: &v 1\nw: [" + ", ".join(["*v"] * 200) + "]\n", "line 2: more than 128 aliases (*name); a "
+                                                                            "config needs far fewer"),
+    }
+    for name, (text, problem) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert _load_error(path) == f"config file {str(path)!r}, {problem}"
+    big = tmp_path / "big.yaml"
+    big.write_text("model:\n  chat_template: '" + "x" * (1 << 20) + "'\n")
+    assert _load_error(big) == (f"config file {str(big)!r} is {big.stat().st_size} bytes, more than a config may be "
+                                f"(1048576); is it the right file?")
+
+
+def test_a_folder_given_as_the_config_says_it_is_a_folder(tmp_path):
+    assert _load_error(tmp_path) == f"config file {str(tmp_path)!r} is a directory, not a YAML file"

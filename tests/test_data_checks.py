@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -152,3 +153,85 @@ def test_held_out_eval_rows_keep_their_file_line(tmp_path, tiny_tokenizer):
 def test_python_lists_name_the_example_index(tiny_tokenizer):
     with pytest.raises(DataError, match=r"<list>: example 1: field 'response' must be a string, got bool True"):
         manager(tiny_tokenizer).build_dataset([GOOD, {"instruction": "q", "response": True}])
+
+
+# ---- hostile files and data that teaches nothing ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)  # a FIFO that were opened would block here for ever
+def test_a_folder_or_a_fifo_is_named_as_what_it_is_never_opened(tmp_path, tiny_tokenizer):
+    (tmp_path / "dir.jsonl").mkdir()
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    for name, what in (("dir.jsonl", "a directory"), ("fifo.jsonl", "a named pipe (FIFO)")):
+        with pytest.raises(DataError) as info:
+            load(tiny_tokenizer, tmp_path / name)
+        assert str(info.value) == f"{tmp_path / name}: is {what}, not a data file"
+
+
+def test_json_nested_too_deeply_is_one_error_naming_the_file(tmp_path, tiny_tokenizer):
+    path = tmp_path / "train.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError) as info:
+        load(tiny_tokenizer, path)
+    assert str(info.value) == (f"{path}: JSON nested too deeply to read (an example is an object of strings and lists "
+                               f"of turns)")
+
+
+def test_every_completion_empty_is_refused_and_most_empty_is_a_warning(tmp_path, tiny_tokenizer, caplog):
+    empty_chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    path = jsonl(tmp_path / "chat.jsonl", [{"messages": empty_chat}] * 4)
+    with pytest.raises(DataError) as info:
+        load(tiny_tokenizer, path)
+    assert str(info.value) == (f"{path}: every assistant turn is empty in every example (4 of 4), so training would "
+                               f"only learn to end a turn at once; fill in the responses")
+    # Training on the prompts too, empty responses still teach something: allowed.
+    train, _ = load(tiny_tokenizer, jsonl(tmp_path / "ins.jsonl", [{"instruction": "q", "response": ""}] * 4),
+                    completion_only_loss=False)
+    assert len(train) == 4
+    rows = [GOOD] + [{"instruction": f"q{i}", "response": "  "} for i in range(3)]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_optcore.data_manager"):
+        train, _ = load(tiny_tokenizer, jsonl(tmp_path / "most.jsonl", rows))
+    assert len(train) == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'most.jsonl'}: field 'response' is empty in 3 of 4 examples; the model learns to answer those "
+        f"with nothing"]
+
+
+def test_a_batch_larger_than_the_data_says_what_a_batch_holds(tmp_path, tiny_tokenizer, caplog):
+    dm = DataManager(TrainingConfig(per_device_train_batch_size=10**18), HardwareConfig(), tiny_tokenizer,
+                     data_config=DataConfig(train_path=str(jsonl(tmp_path / "t.jsonl", [GOOD] * 3)),
+                                            eval_split_ratio=0.0))
+    with caplog.at_level("WARNING", logger="hf_optcore.data_manager"):
+        dm.load_datasets()
+    assert [r.getMessage() for r in caplog.records] == [
+        "training.per_device_train_batch_size=1000000000000000000 is more than the 3 training examples: every batch "
+        "holds at most 3 (each optimizer step sees the whole training set)"]
+
+
+def test_a_chat_template_stopped_by_the_sandbox_or_broken_names_the_template(tiny_tokenizer, tmp_path):
+    from hf_optcore.config import ModelConfig
+    from hf_optcore.errors import ModelLoadError
+    from hf_optcore.model_manager import ModelManager
+
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    for template, expected in [
+        (escape, "model.chat_template: the template tried an operation jinja's sandbox forbids (access to attribute "
+                 "'__class__' of 'str' object is unsafe); it was stopped, not run. Use a template that only formats "
+                 "the messages"),
+        ("{% for m in messages %}{{ m.content ", "model.chat_template: not a valid Jinja template (line 1: unexpected "
+                                                 "end of template, expected 'end of print statement'.)"),
+    ]:
+        with pytest.raises(ModelLoadError) as info:
+            ModelManager(ModelConfig(name_or_path="tiny:llama", chat_template=template)).load_tokenizer()
+        assert str(info.value) == expected
+    # A template that misbehaves only on some content is stopped at that row, named.
+    tiny_tokenizer.chat_template = ("{% for m in messages %}{% if 'x' in m.content %}{{ m.__class__.__mro__ }}"
+                                    "{% endif %}{{ m.content }}{% endfor %}")
+    path = jsonl(tmp_path / "chat.jsonl", [{"messages": CONV}, {"messages": [{"role": "user", "content": "x"},
+                                                                             {"role": "assistant", "content": "y"}]}])
+    with pytest.raises(DataError) as info:
+        load(tiny_tokenizer, path)
+    assert str(info.value) == (f"{path}: line 2: the chat template (model.chat_template or the tokenizer's) tried an "
+                               f"operation jinja's sandbox forbids (access to attribute '__class__' of 'dict' object "
+                               f"is unsafe); it was stopped, not run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,38 @@ def test_an_update_that_leaves_non_finite_weights_stops_before_anything_is_saved
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_an_evaluation_worse_than_a_uniform_guess_after_training_exits_3_without_a_result(tmp_path):
+    # Learning rate 5.0 (what a duplicated YAML key trained at): every weight stays finite and so does the training
+    # loss, but the evaluation after training is far worse than before and than guessing uniformly.
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), f"output_dir={out}", *TINY,
+                        "training.learning_rate=5.0"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 3, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.fullmatch(r"error: training diverged: eval_loss after training is [\d.]+, up from 5\.5\d* before "
+                        r"training \(perplexity [\d.e+]+, more than twice the 260 of a uniform guess over the "
+                        r"vocabulary\); the result was not saved \(the latest checkpoint, .*checkpoint-8, is from this "
+                        r"run\)", errors[0]), errors[0]
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("after, before, expected", [
+    ({"eval_loss": float("nan")}, None, "eval_loss after training is nan"),
+    ({"eval_loss": 2.0, "eval_ema_loss": float("inf")}, None, "eval_ema_loss after training is inf"),
+    ({"eval_loss": 800.0, "eval_perplexity": float("inf")}, {"eval_loss": 5.0},
+     "eval_loss after training is 800 and its perplexity overflows (eval_perplexity inf)"),
+    ({"eval_loss": 7.0}, {"eval_loss": 5.6},
+     "eval_loss after training is 7, up from 5.6 before training (perplexity 1.1e+03, more than twice the 260 of a "
+     "uniform guess over the vocabulary)"),
+    ({"eval_loss": 7.0}, {"eval_loss": 7.5}, None),  # bad, but training made it better: not a divergence
+    ({"eval_loss": 6.0}, {"eval_loss": 5.6}, None),  # worse, but within twice a uniform guess (perplexity 403)
+    ({"eval_loss": 2.0, "eval_perplexity": 7.39}, {"eval_loss": 5.6}, None),
+])
+def test_evaluation_divergence(after, before, expected):
+    from hf_optcore.evaluator import evaluation_divergence
+
+    assert evaluation_divergence(after, before, vocab_size=260) == expected

@@ -134,10 +134,32 @@ class MatchRate(evaluate.Metric):
 '''
 
 
+def test_a_local_metric_script_runs_only_with_trust_metric_code(tiny_model, tmp_path):
+    from hf_optcore.evaluator import EvalTotals
+
+    script = tmp_path / "match_rate.py"
+    script.write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').write('ran')\n" + METRIC_SCRIPT)
+    refused = (f"training.eval_metrics: {str(script)!r} is metric code that would run when it loads (a local script "
+               f"or folder, or another owner's Hub metric); set training.trust_metric_code=true if you trust it")
+    with pytest.raises(ValueError) as info:
+        Evaluator(TrainingConfig(eval_metrics=[str(script)]), tiny_model, _batches(_examples(), 3), "cpu").evaluate()
+    assert str(info.value) == refused
+    with pytest.raises(ValueError) as info:
+        EvalTotals(None, metrics=[str(script)])  # the Trainer's evaluation
+    assert str(info.value) == refused
+    for name in ("someone/their-metric", str(tmp_path)):  # another owner's Hub metric, a local folder
+        with pytest.raises(ValueError, match="is metric code that would run"):
+            EvalTotals(None, metrics=[name])
+    assert not (tmp_path / "RAN").exists()
+    res = Evaluator(TrainingConfig(eval_metrics=[str(script)], trust_metric_code=True), tiny_model,
+                    _batches(_examples(), 3), "cpu").evaluate()
+    assert (tmp_path / "RAN").exists() and res["match_rate"] == pytest.approx(res["token_accuracy"])
+
+
 def test_evaluate_metric_plugs_in_by_local_path(tiny_model, tmp_path):
     script = tmp_path / "match_rate.py"
     script.write_text(METRIC_SCRIPT)
-    cfg = TrainingConfig(eval_metrics=[str(script)])
+    cfg = TrainingConfig(eval_metrics=[str(script)], trust_metric_code=True)
     ema = EMAManager(EMAConfig(enabled=True, decay=0.5), tiny_model)
     res = Evaluator(cfg, tiny_model, _batches(_examples(), 3), "cpu", ema_manager=ema).evaluate()
     assert res["match_rate"] == pytest.approx(res["token_accuracy"])
@@ -145,7 +167,7 @@ def test_evaluate_metric_plugs_in_by_local_path(tiny_model, tmp_path):
 
 
 def test_unknown_metric_name_is_a_clear_error(tiny_model, tmp_path):
-    cfg = TrainingConfig(eval_metrics=[str(tmp_path / "nope.py")])
+    cfg = TrainingConfig(eval_metrics=[str(tmp_path / "nope.py")], trust_metric_code=True)
     with pytest.raises(ValueError, match="training.eval_metrics: cannot load evaluate metric"):
         Evaluator(cfg, tiny_model, _batches(_examples(), 3), "cpu").evaluate()
 

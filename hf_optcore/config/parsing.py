@@ -11,7 +11,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from hf_optcore.config.sections import NESTED, ConfigError
-from hf_optcore.errors import did_you_mean
+from hf_optcore.errors import did_you_mean, not_a_file
 
 __all__ = ["as_dict", "build_section", "deep_merge", "load_yaml", "parse_overrides", "type_name"]
 
@@ -143,9 +143,9 @@ def parse_overrides(overrides: list[str]) -> dict:
             continue
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else None
+            value = _bounded_load(text, f"override {key}") if text != "" else None
         except yaml.YAMLError as exc:
-            problems.append(f"override {key}: cannot parse value {text!r}: {exc}")
+            problems.append(f"override {key}: cannot parse value {text!r}: {getattr(exc, 'problem', None) or exc}")
             continue
         node = out
         parts = key.strip().split(".")
@@ -168,12 +168,134 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# A config is a few kilobytes; these bounds are far above any real one and far below what hurts. Aliases are
+# shared by the loader, but everything after it (merging, validation, hashing, config.yaml) walks the expanded
+# tree, so a few nested aliases ("billion laughs") would otherwise cost minutes and gigabytes.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 128
+MAX_EXPANDED_NODES = 100_000
+MAX_DEPTH = 64
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A YAML document this loader will not build (too large, too deep, too many aliases, duplicate keys)."""
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python tags) that counts aliases and nesting while it composes the document."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise _Refused(problem=f"more than {MAX_ALIASES} aliases (*name); a config needs far fewer",
+                               problem_mark=mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _node_key(node: yaml.Node) -> Any:
+    return (node.tag, node.value) if isinstance(node, yaml.ScalarNode) else None
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Refuse a composed document whose expanded tree is too large or too deep, that refers to itself, or that
+    sets a key twice in one mapping (the later value would win silently). ``source`` names the file in messages."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, expanded depth)
+    open_nodes: set[int] = set()
+
+    def refuse(problem: str, node: yaml.Node):
+        raise _Refused(problem=problem, problem_mark=node.start_mark)
+
+    def visit(node: yaml.Node, path: str) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            refuse(f"{path} is an alias of a value that contains it (a recursive structure)", node)
+        open_nodes.add(key)
+        size, depth = 1, 0
+        if isinstance(node, yaml.SequenceNode):
+            children = [(f"{path}[{i}]", child) for i, child in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            children, seen = [], {}
+            for knode, vnode in node.value:
+                name = str(knode.value) if isinstance(knode, yaml.ScalarNode) else "?"
+                where = f"{path}.{name}" if path else name
+                k = _node_key(knode)
+                if k is not None and knode.tag != "tag:yaml.org,2002:merge":
+                    if k in seen:
+                        refuse(f"duplicate key {where} at {source}:{knode.start_mark.line + 1} (first at "
+                               f"{source}:{seen[k].start_mark.line + 1}); the later value would silently win, "
+                               f"keep one", knode)
+                    seen[k] = knode
+                children += [(where, knode), (where, vnode)]
+        else:
+            children = []
+        for where, child in children:
+            n, d = visit(child, where)
+            size, depth = size + n, max(depth, d + 1)
+            if size > MAX_EXPANDED_NODES:
+                refuse(f"{path or 'the document'} expands to more than {MAX_EXPANDED_NODES} values through its "
+                       f"aliases (*name); a config is far smaller", node)
+            if depth > MAX_DEPTH:
+                refuse(f"{where} is nested more than {MAX_DEPTH} levels deep through its aliases (*name)", child)
+        open_nodes.discard(key)
+        sizes[key] = (size, depth)
+        return size, depth
+
+    visit(root, "")
+
+
+def _bounded_load(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing what :class:`_BoundedLoader` and :func:`_check_nodes` refuse."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise _Refused(problem=f"{len(text)} characters is more than a config may hold ({MAX_CONFIG_BYTES})")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file or malformed YAML is a ConfigError naming the file."""
+    """Read a YAML mapping; a missing file or malformed YAML is a ConfigError naming the file.
+
+    The file is read with ``yaml.safe_load``'s rules (no Python tags) and bounded: at most
+    :data:`MAX_CONFIG_BYTES`, :data:`MAX_ALIASES` aliases, :data:`MAX_EXPANDED_NODES` values once aliases are
+    expanded and :data:`MAX_DEPTH` levels; a key set twice in one mapping is an error naming both lines.
+    """
     p = Path(path)
+    what = not_a_file(p)
+    if what is not None:
+        raise ConfigError([f"config file {str(p)!r} is {what}, not a YAML file"])
     if not p.is_file():
         raise ConfigError([f"config file {str(p)!r} not found"])
     try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"config file {str(p)!r} is {size} bytes, more than a config may be "
+                               f"({MAX_CONFIG_BYTES}); is it the right file?"])
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x}); "
@@ -181,7 +303,11 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as exc:
         raise ConfigError([f"config file {str(p)!r} cannot be read: {exc.strerror or exc}"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _bounded_load(text, str(p))
+    except _Refused as exc:
+        mark = exc.problem_mark
+        where = f", line {mark.line + 1}" if mark is not None and "duplicate key" not in exc.problem else ""
+        raise ConfigError([f"config file {str(p)!r}{where}: {exc.problem}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -151,8 +151,9 @@ class TrainingConfig(_Tracked):
     per_device_train_batch_size: int = _f(8, "Examples per device per micro-batch (fixed-size batching).")
     per_device_eval_batch_size: int = _f(8, "Examples per device per evaluation batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    num_train_epochs: float = _f(1.0, "Epochs to train when max_steps <= 0.")
-    max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    num_train_epochs: float = _f(1.0, "Epochs to train when max_steps is negative (the default -1).")
+    max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0 (-1: train the epochs; 0 "
+                            "is refused).")
     optimizer: str = _f("adamw", "Optimizer registry name (see `hf-optcore list-optimizers`).", hf="optim")
     optimizer_kwargs: dict = _f({}, "Extra keyword arguments for the optimizer.")
     scheduler: str = _f("cosine", "Learning-rate scheduler registry name.", hf="lr_scheduler_type")
@@ -186,6 +187,9 @@ class TrainingConfig(_Tracked):
     eval_metrics: list[str] = _f(
         [], "Extra `evaluate` metrics on next-token predictions, by name or local script path (names need network once)."
     )
+    trust_metric_code: bool = _f(
+        False, "Allow a metric of training.eval_metrics that is a local script or folder, or a Hub metric outside the "
+               "evaluate-metric organisation, to run: its code executes when it loads (as model.trust_remote_code).")
     report_to: Union[str, list[str]] = _f("none", "Trackers: none, tensorboard, trackio, ...")
     run_name: Optional[str] = _f(None, "Name of the run in trackers and reports.")
     push_to_hub: bool = _f(False, "Push the final model to the Hub.")

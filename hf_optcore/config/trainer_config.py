@@ -81,7 +81,7 @@ class TrainerConfig(_Tracked):
         config = cls(**kwargs)
         if validate:
             # Range checks run on the fields that parsed, so one error lists every problem.
-            problems += collect_problems(config)
+            problems += collect_problems(config) + _shadowing_extra_args(config)
         if problems:
             raise ConfigError(problems)
         return config
@@ -147,7 +147,7 @@ class TrainerConfig(_Tracked):
 
     def validate(self, cuda_available: bool | None = None) -> TrainerConfig:
         """Check ranges and combinations; raise one :class:`ConfigError` with every problem."""
-        problems = collect_problems(self, cuda_available=cuda_available)
+        problems = collect_problems(self, cuda_available=cuda_available) + _shadowing_extra_args(self)
         if problems:
             raise ConfigError(problems)
         return self
@@ -188,6 +188,18 @@ class TrainerConfig(_Tracked):
             if link.kind == "recipe":
                 conversion._set_attr(out, link.path, copy.deepcopy(conversion._get(other, link.path)))
         return out
+
+
+def _shadowing_extra_args(config: TrainerConfig) -> list[str]:
+    """``training.extra_args`` keys that are the argument of a config key: set there, not twice (extra_args would
+    silently win)."""
+    by_arg = {link.arg: link.path for link in field_links() if link.kind != "recipe" and link.arg
+              and link.path != "training.extra_args"}
+    by_arg.update({"save_strategy": "checkpoint.every_n_steps", "save_steps": "checkpoint.every_n_steps",
+                   "activation_checkpointing": "model.gradient_checkpointing"})
+    return [f"training.extra_args.{key}: is {by_arg[key]}; set it there, not in extra_args"
+            for key in config.training.extra_args if key in by_arg
+            and not (key == "save_strategy" and config.training.extra_args[key] in ("epoch", "best"))]
 
 
 def render_reference() -> str:

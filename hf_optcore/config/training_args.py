@@ -111,6 +111,11 @@ class OptCoreArguments:
         "help": "Extra `evaluate` metrics on next-token predictions, by name or local script path (names need "
                 "network once).",
     })
+    trust_metric_code: bool = field(default=False, metadata={  # training.trust_metric_code
+        "help": "Allow a metric of training.eval_metrics that is a local script or folder, or a Hub metric outside "
+                "the evaluate-metric organisation, to run: its code executes when it loads (as "
+                "model.trust_remote_code).",
+    })
     write_report: bool = field(default=True, metadata={  # training.write_report
         "help": "Write report.png / report.md (loss, evaluations, throughput) into output_dir at the end of "
                 "training.",

@@ -87,16 +87,28 @@ class ExampleEncoder:
 
     # ---- rendering: a string and the character spans that are completions -----------------
 
+    def _apply_template(self, messages: list[dict], where: str, **kw: Any) -> str:
+        import jinja2
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, **kw)
+        except jinja2.exceptions.SecurityError as exc:
+            raise DataError(f"{where}: the chat template (model.chat_template or the tokenizer's) tried an operation "
+                            f"jinja's sandbox forbids ({str(exc).rstrip('.')}); it was stopped, not run") from None
+        except jinja2.exceptions.TemplateError as exc:
+            raise DataError(f"{where}: the chat template (model.chat_template or the tokenizer's) cannot render this "
+                            f"conversation: {exc}") from None
+
     def _render_chat(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
         if not self.has_chat_template:
             raise DataError(f"{where}: chat data needs a tokenizer with a chat template (model.chat_template)")
-        full = self.tok.apply_chat_template(messages, tokenize=False)
+        full = self._apply_template(messages, where)
         spans = []
         for i, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
-            before = self.tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            through = self.tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            before = self._apply_template(messages[:i], where, add_generation_prompt=True) if i else ""
+            through = self._apply_template(messages[: i + 1], where)
             if not (full.startswith(through) and through.startswith(before)):
                 raise DataError(
                     f"{where}: the chat template does not render conversations incrementally (a turn changes "

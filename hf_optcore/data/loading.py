@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hf_optcore.errors import DataError
+from hf_optcore.errors import DataError, not_a_file
 
-__all__ = ["FORMATS", "Records", "check_records", "detect_format", "read_records", "record_problem"]
+__all__ = ["FORMATS", "Records", "check_records", "detect_format", "empty_completions", "read_records",
+           "record_problem"]
 
 FORMATS = ("text", "instruction", "chat")
 _SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
@@ -38,7 +39,11 @@ class Records(list):
 
 
 def _read_json(p: Path) -> tuple[list, list[str]]:
-    raw = json.loads(p.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{p}: JSON nested too deeply to read (an example is an object of strings and lists of "
+                        f"turns)") from None
     if isinstance(raw, dict):
         lists = [v for v in raw.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -58,6 +63,9 @@ def _read_jsonl(p: Path) -> tuple[list, list[str]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{p}: line {lineno} is not valid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{p}: line {lineno} is JSON nested too deeply to read (an example is an object "
+                                    f"of strings and lists of turns)") from None
                 where.append(f"line {lineno}")
     return rows, where
 
@@ -124,6 +132,9 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
         rows, where = _read_hub(source, hub_config, hub_split)
     else:
         p = Path(source)
+        what = not_a_file(p)
+        if what is not None:
+            raise DataError(f"{source}: is {what}, not a data file")
         if not p.is_file():
             raise DataError(f"{source}: data file not found")
         kind = _SUFFIXES.get(p.suffix.lower())
@@ -266,3 +277,17 @@ def check_records(rows: list[Any], fmt: str, fields: dict[str, str], source: str
         names = ", ".join(w for w, _ in bad[1:1 + _MORE_SHOWN]) + (", ..." if len(bad) > 1 + _MORE_SHOWN else "")
         more = f" ({len(bad) - 1} more bad row{'s' if len(bad) > 2 else ''}: {names})"
     raise DataError(f"{source}: {where}: {problem} (format {fmt!r}){more}")
+
+
+def _blank(value: Any) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
+def empty_completions(rows: list[dict], fmt: str, fields: dict[str, str]) -> int:
+    """How many of ``rows`` (checked by :func:`check_records`) have nothing to complete: a blank response
+    (``instruction``), a blank text (``text``), or no assistant turn with any content (``chat``)."""
+    if fmt == "chat":
+        key = fields["messages"]
+        return sum(all(_blank(t["content"]) for t in r[key] if t["role"] == "assistant") for r in rows)
+    key = fields["text"] if fmt == "text" else fields["response"]
+    return sum(_blank(r[key]) for r in rows)

@@ -28,13 +28,15 @@ from hf_optcore.evaluator.totals import (
     IGNORE_INDEX,
     EvalTotals,
     causal_lm_label_counts,
+    evaluation_divergence,
     load_eval_metrics,
     token_statistics,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalTotals", "Evaluator", "causal_lm_label_counts", "load_eval_metrics", "token_statistics"]
+__all__ = ["EvalTotals", "Evaluator", "causal_lm_label_counts", "evaluation_divergence", "load_eval_metrics",
+           "token_statistics"]
 
 # Kernel arguments that HF models take through **kwargs (packed sequences, flash attention).
 _PASS_THROUGH = {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
@@ -68,7 +70,9 @@ class Evaluator:
             where autocast would be slower and change the numbers.
         ema_manager: an :class:`~hf_optcore.ema_manager.EMAManager`; when given, every
             ``evaluate()`` also reports ``ema_*`` metrics computed with the EMA weights swapped in.
-        metrics: ``evaluate`` metric names, paths or modules (default: ``config.eval_metrics``).
+        metrics: ``evaluate`` metric names, paths or modules (default: ``config.eval_metrics``, whose local
+            scripts and other owners' Hub metrics load only with ``config.trust_metric_code``; a list given here
+            is the caller's own choice and loads as given).
         accelerator: an ``accelerate.Accelerator`` whose prepared ``val_loader`` is sharded across
             ranks; its ``gather_for_metrics`` drops the samples it duplicated to even out the shards.
             Without one, an initialised ``torch.distributed`` group sums the statistics (the loader
@@ -101,6 +105,7 @@ class Evaluator:
         self.ema_manager = ema_manager
         names = list(metrics) if metrics is not None else list(getattr(config, "eval_metrics", None) or [])
         self.metric_names = names
+        self._trust_metric_code = metrics is not None or bool(getattr(config, "trust_metric_code", False))
         self.accelerator = accelerator
         self._autocast = autocast
         self._prepare_batch = prepare_batch
@@ -128,7 +133,7 @@ class Evaluator:
         """One pass over ``val_loader`` with whatever weights the model holds now."""
         was_training = self.model.training
         self.model.eval()
-        modules = load_eval_metrics(self.metric_names)
+        modules = load_eval_metrics(self.metric_names, trust_code=self._trust_metric_code)
         totals = torch.zeros(3, dtype=torch.float64)
         try:
             with self._forward_context():

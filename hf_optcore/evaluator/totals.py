@@ -2,7 +2,8 @@
 
 :class:`EvalTotals` adds up one evaluation pass of the Trainer (token-weighted loss, NLL, tokens, argmax hits
 over every batch and rank); :func:`token_statistics` computes per-example statistics from logits (the path
-for models the chunked loss does not cover); :func:`load_eval_metrics` loads ``evaluate`` metrics.
+for models the chunked loss does not cover); :func:`load_eval_metrics` loads ``evaluate`` metrics; :func:`evaluation_divergence` says whether an evaluation
+after training shows a run that diverged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 
 IGNORE_INDEX = -100
 
-__all__ = ["EvalTotals", "causal_lm_label_counts", "load_eval_metrics", "token_statistics"]
+__all__ = ["EvalTotals", "causal_lm_label_counts", "evaluation_divergence", "load_eval_metrics",
+           "token_statistics"]
 
 
 def token_statistics(logits: torch.Tensor, labels: torch.Tensor,
@@ -86,16 +88,18 @@ class EvalTotals:
     Args:
         accelerator: the Trainer's ``Accelerator`` (None: one process).
         metrics: ``evaluate`` metric names, paths or modules computed on next-token predictions.
+        trust_code: let metrics that are code from elsewhere load (see :func:`load_eval_metrics`).
         label_smoothing: the loss is label-smoothed (it is then not the NLL, and is weighted as given).
     """
 
-    def __init__(self, accelerator: Any = None, metrics: Iterable[Any] = (), label_smoothing: bool = False):
+    def __init__(self, accelerator: Any = None, metrics: Iterable[Any] = (), trust_code: bool = False,
+                 label_smoothing: bool = False):
         self.accelerator = accelerator
         self.totals = torch.zeros(4, dtype=torch.float64)  # loss sum, NLL sum, tokens, correct
         self.exact = True  # every batch so far had a token loss with its statistics
         self.label_smoothing = label_smoothing
         self.loss_only = True  # the batch's logits are not wanted (no compute_metrics): the chunked loss may run
-        self.modules = load_eval_metrics(metrics)
+        self.modules = load_eval_metrics(metrics, trust_code=trust_code)
         self._counts: torch.Tensor | None = None
         self._stats: torch.Tensor | None = None
         self._preds: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -189,17 +193,32 @@ class EvalTotals:
         return out
 
 
-def load_eval_metrics(names: Iterable[Any]) -> list[Any]:
+def load_eval_metrics(names: Iterable[Any], trust_code: bool = False) -> list[Any]:
     """Load ``evaluate`` metrics by name or local script path (objects with ``compute`` pass through).
 
     Hub names (``"accuracy"``) need network access the first time; a local path to a metric
     script or folder works offline.
+
+    Args:
+        names: metric names, paths or metric objects.
+        trust_code: allow metrics that are code from elsewhere (a local script or folder, another owner's
+            Hub metric; see :func:`hf_optcore._validation.is_metric_code`), which runs when it loads
+            (``training.trust_metric_code``, default False).
+
+    Raises:
+        ValueError: a metric cannot be loaded, or is such code and ``trust_code`` is False (nothing is run).
     """
+    from hf_optcore._validation import is_metric_code
+
     modules = []
     for name in names:
         if hasattr(name, "compute") and hasattr(name, "add_batch"):
             modules.append(name)
             continue
+        if not trust_code and is_metric_code(name):
+            raise ValueError(f"training.eval_metrics: {str(name)!r} is metric code that would run when it loads (a "
+                             f"local script or folder, or another owner's Hub metric); set "
+                             f"training.trust_metric_code=true if you trust it")
         try:
             import evaluate
         except ImportError as exc:  # pragma: no cover - evaluate is a dependency
@@ -213,3 +232,38 @@ def load_eval_metrics(names: Iterable[Any]) -> list[Any]:
                 "valid: an `evaluate` metric name (needs network the first time) or a local metric script path"
             ) from exc
     return modules
+
+
+def evaluation_divergence(after: dict[str, float], before: dict[str, float] | None = None,
+                          vocab_size: int | None = None, prefix: str = "eval_") -> str | None:
+    """Why the evaluation ``after`` training shows that the run diverged, or None when it does not.
+
+    A run diverged when its loss after training (``{prefix}loss``, and with EMA ``{prefix}ema_loss``) is not a
+    finite number, when its perplexity overflows (is infinite), or when its perplexity is more than twice the
+    vocabulary size (worse than half as good as guessing every token uniformly) and higher than ``before``
+    training. Such weights are not a result: the recipe exits with status 3, as for a non-finite training loss.
+
+    Args:
+        after: the metrics of the evaluation after training (``Trainer.evaluate``'s dict).
+        before: the metrics of the evaluation before training (default None: not compared).
+        vocab_size: the model's vocabulary size (default None: the perplexity bound is not applied).
+        prefix: the metric key prefix (default ``"eval_"``).
+    """
+    for name in ("loss", "ema_loss"):
+        key = f"{prefix}{name}"
+        loss = after.get(key)
+        if not isinstance(loss, (int, float)):
+            continue
+        if not math.isfinite(loss):
+            return f"{key} after training is {loss}"
+        ppl_key = f"{prefix}{name.replace('loss', 'perplexity')}"
+        ppl = after.get(ppl_key, math.exp(loss) if loss < 700 else float("inf"))
+        if not math.isfinite(ppl):
+            return f"{key} after training is {loss:.4g} and its perplexity overflows ({ppl_key} {ppl})"
+        prior = (before or {}).get(key)
+        prior = prior if isinstance(prior, (int, float)) and math.isfinite(prior) else None
+        if vocab_size and ppl > 2 * vocab_size and (prior is None or loss > prior):
+            since = f", up from {prior:.4g} before training" if prior is not None else ""
+            return (f"{key} after training is {loss:.4g}{since} (perplexity {ppl:.3g}, more than twice the "
+                    f"{vocab_size} of a uniform guess over the vocabulary)")
+    return None

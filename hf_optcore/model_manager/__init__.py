@@ -11,6 +11,7 @@ Export (:mod:`.export`): adapter, merged and EMA variants, a model card, and a H
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,30 @@ from hf_optcore.model_manager.lora_targeting import LoRATargetError, LoRATargetR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoRATargetError", "LoRATargetReport", "ModelManager", "resolve_lora_targets"]
+
+def check_chat_template(render: Callable[[list[dict]], Any], which: str) -> None:
+    """Render one short conversation with ``render``, so that a chat template jinja cannot parse, or one its
+    sandbox stops (an attempt to reach Python objects: nothing of it runs), is one error naming ``which`` before
+    any data or weights load. A template that refuses the probe by its own checks (``raise_exception``) passes:
+    each row is checked when it is encoded.
+
+    Raises:
+        ModelLoadError: the template is not valid Jinja, or the sandbox stopped it.
+    """
+    import jinja2
+
+    try:
+        render([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
+    except jinja2.exceptions.SecurityError as exc:
+        raise ModelLoadError(f"{which}: the template tried an operation jinja's sandbox forbids "
+                             f"({str(exc).rstrip('.')}); it was stopped, not run. Use a template that only formats "
+                             f"the messages") from None
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ModelLoadError(f"{which}: not a valid Jinja template (line {exc.lineno}: {exc.message})") from None
+    except jinja2.exceptions.TemplateError as exc:
+        logger.debug("%s: refuses the probe conversation (%s)", which, exc)
+
+__all__ = ["LoRATargetError", "LoRATargetReport", "ModelManager", "check_chat_template", "resolve_lora_targets"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,6 +166,7 @@ class ModelManager:
                                      f"of {src.name!r}: {exc}") from exc
         if self.config.chat_template:
             tokenizer.chat_template = self.config.chat_template
+        self._probe_chat_template(tokenizer, src.name)
         self.added_tokens = []
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is not None:
@@ -157,6 +182,11 @@ class ModelManager:
                             " (a new token: embeddings will be resized)" if self.added_tokens else "")
         self.tokenizer = tokenizer
         return tokenizer
+
+    def _probe_chat_template(self, tokenizer, name: str) -> None:
+        if getattr(tokenizer, "chat_template", None):
+            which = "model.chat_template" if self.config.chat_template else f"the chat template of {name!r}"
+            check_chat_template(lambda conv: tokenizer.apply_chat_template(conv, tokenize=False), which)
 
     def require_chat_template(self, tokenizer=None) -> None:
         """Raise a ModelLoadError when chat data meets a tokenizer without a chat template."""

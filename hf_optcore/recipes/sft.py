@@ -15,7 +15,11 @@ reachable.
 Order of work, so that bad input costs nothing: the config is validated (every problem listed),
 the data files are read and checked, the model is resolved and loaded; only then is anything
 written. A missing config file, malformed YAML, an unknown model or a dataset with the wrong
-columns prints one line ``error: ...`` and exits with status 2.
+columns prints one line ``error: ...`` and exits with status 2 (:func:`check_before_loading` holds the
+checks before loading, which ``hf-optcore validate`` runs too). A run that diverges (a non-finite
+training loss, or an evaluation after training that is non-finite or worse than a uniform guess, see
+:func:`hf_optcore.evaluator.evaluation_divergence`) prints one ``error: training diverged ...`` line, saves
+no result and exits with status 3.
 """
 
 from __future__ import annotations
@@ -84,16 +88,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
 
-def build_config(args: argparse.Namespace) -> TrainerConfig:
-    """Embedded default, then the YAML file, then the overrides; validated once.
+def build_config(config_path: str | None, overrides: list[str], *, bare: bool = False) -> TrainerConfig:
+    """Embedded default, then the YAML file, then the overrides; validated once; relative data paths resolved.
 
-    The embedded default alone (no ``--config``) is the demo, meant to be rerun: a rerun replaces the
+    The embedded default alone (no ``config_path``) is the demo, meant to be rerun: a rerun replaces the
     previous demo run's checkpoint (``checkpoint.overwrite``) instead of refusing. With a config file a
-    run owns its directory as always.
+    run owns its directory as always. ``bare`` starts from TrainerConfig's own defaults instead
+    (``hf-optcore validate --bare``).
     """
-    base = DEFAULT_CONFIG if args.config else {**DEFAULT_CONFIG,
-                                                "checkpoint": {**DEFAULT_CONFIG["checkpoint"], "overwrite": True}}
-    return TrainerConfig.from_sources(args.config, args.overrides, base=base)
+    if bare:
+        base = None
+    elif config_path:
+        base = DEFAULT_CONFIG
+    else:
+        base = {**DEFAULT_CONFIG, "checkpoint": {**DEFAULT_CONFIG["checkpoint"], "overwrite": True}}
+    config = TrainerConfig.from_sources(config_path, overrides, base=base)
+    _resolve_paths(config)
+    return config
+
+
+def check_before_loading(config: TrainerConfig) -> None:
+    """Every check the recipe makes before the tokenizer and the model load (:mod:`hf_optcore.preflight`: output
+    dir, data files and their rows, eval set, metric, packages, the model's own code, sequence length, resume).
+
+    ``hf-optcore validate`` calls exactly this, so that it says "valid" only where the recipe would start.
+
+    Raises:
+        ConfigError: every problem, one line each.
+    """
+    from hf_optcore.preflight import check_preflight
+
+    check_preflight(config)
 
 
 def _resolve_paths(config: TrainerConfig) -> None:
@@ -160,16 +185,13 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
     args = parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = build_config(args)
-        _resolve_paths(config)
-        from hf_optcore.preflight import check_preflight
-
+        config = build_config(args.config, args.overrides)
         if allow_reexec:  # before torch and any thread or process group exist
             from hf_optcore.allocator import reexec_with_allocator
 
             reexec_with_allocator(config.hardware.cpu_allocator)
 
-        check_preflight(config)  # every problem knowable before the model loads, all at once
+        check_before_loading(config)  # every problem knowable before the model loads, all at once
         from hf_optcore.data_manager import DataManager
         from hf_optcore.model_manager import ModelManager
 
@@ -251,6 +273,15 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
         return 130
 
     after = trainer.evaluate(metric_key_prefix="eval") if eval_dataset is not None else {}
+    from hf_optcore.evaluator import evaluation_divergence
+
+    diverged = evaluation_divergence(after, before, vocab_size=_vocab_size(trainer.model, tokenizer))
+    if diverged:
+        # Finite weights whose evaluation is garbage are no more a result than NaN weights: nothing is saved.
+        latest = trainer.optcore_checkpointing.manager.latest()
+        print(f"\nerror: training diverged: {diverged}; the result was not saved"
+              + (f" (the latest checkpoint, {latest}, is from this run)" if latest else ""), file=sys.stderr)
+        return 3
     samples_after = generate_samples(trainer.model, tokenizer, sample_rows) if is_main and sample_rows else []
 
     train_peak = memory.stop()["peak_bytes"]
@@ -288,6 +319,14 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
             status = push_result(model_mgr, trainer, tokenizer, ran, out, before, after, getattr(data_mgr, "stats", {}))
     trainer.accelerator.wait_for_everyone()
     return status
+
+
+def _vocab_size(model, tokenizer) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else (len(tokenizer) if tokenizer is not None else None)
 
 
 def _write_report_with_evaluations(trainer, before: dict, out: Path, config: TrainerConfig) -> None:
