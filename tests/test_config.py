@@ -279,3 +279,13 @@ def test_recursive_aliases_deep_nesting_many_aliases_and_size_are_refused(tmp_pa
 
 def test_a_folder_given_as_the_config_says_it_is_a_folder(tmp_path):
     assert _load_error(tmp_path) == f"config file {str(tmp_path)!r} is a directory, not a YAML file"
+
+
+def test_an_extra_args_key_that_is_a_config_key_is_refused_not_silently_winning():
+    with pytest.raises(ConfigError) as err:
+        TrainerConfig.from_dict({"training": {"learning_rate": 1e-3, "extra_args": {"learning_rate": 5.0,
+                                                                                     "save_steps": 3}}})
+    assert err.value.problems == [
+        "training.extra_args.learning_rate: is training.learning_rate; set it there, not in extra_args",
+        "training.extra_args.save_steps: is checkpoint.every_n_steps; set it there, not in extra_args"]
+    TrainerConfig.from_dict({"training": {"extra_args": {"save_strategy": "epoch", "logging_first_step": True}}})
