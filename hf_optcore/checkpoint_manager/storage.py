@@ -214,6 +214,13 @@ def _load_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{MANIFEST_NAME}: step {step!r} is not a step number"
     if not isinstance(files, dict):
         return None, f"{MANIFEST_NAME}: 'files' is not a mapping of file names"
+    for key, kind in (("metrics", dict), ("topology", dict), ("components", list)):
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            return None, f"{MANIFEST_NAME}: {key!r} is not a {kind.__name__}"
+    if any(not isinstance(n, str) or _lexical_problem(n) or "/" in n for n in manifest.get("components") or []):
+        return None, f"{MANIFEST_NAME}: 'components' holds a name that is not a plain file name"
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in (manifest.get("topology") or {}).values()):
+        return None, f"{MANIFEST_NAME}: 'topology' holds a value that is not a number"
     for rel, entry in files.items():
         problem = _member_problem(path, rel)
         if problem:
@@ -567,6 +574,23 @@ def _loaded_on_disk(root: Path) -> list[str]:
     return sorted(out)
 
 
+def remove_stale(path: Path, written: list[str]) -> list[str]:
+    """Remove files a resume would read that are in checkpoint ``path`` but were not ``written`` by this save (left
+    by an earlier, interrupted or foreign save of the same step: listed, they would lie; unlisted, the checkpoint
+    would not verify). Returns what was removed."""
+    path = Path(path)
+    stale = [rel for rel in _loaded_on_disk(path) if rel not in set(written) and not _member_problem(path, rel)]
+    root = _open_dir(path)
+    if root is None:
+        return []
+    try:
+        for rel in stale:
+            _unlink_member(root, rel)
+    finally:
+        os.close(root)
+    return stale
+
+
 def _expected(manifest: dict[str, Any], root: Path) -> list[tuple[str, tuple[str, ...]]]:
     """``(what, names)`` pairs: at least one of ``names`` must be listed for the checkpoint to verify."""
     wanted = [("the model weights", WEIGHT_FILES)]
@@ -608,9 +632,12 @@ def plain_tensor_problem(path: Path, numpy_state: bool = False) -> str | None:
                     raise
                 torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except Exception as exc:  # noqa: BLE001 - any refusal is the same verdict; the reason is shown
-        reason = str(exc).strip().splitlines()
-        return next((line for line in reason if "GLOBAL" in line or "global" in line), reason[0] if reason else
-                    type(exc).__name__)
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if named:
+            return f"it names {named.group(1)}, which is not tensor data"
+        # Never torch's first line: it suggests weights_only=False, the one thing not to do with such a file.
+        detail = [line.strip() for line in str(exc).splitlines() if re.search(r"Unsupported|not allowed", line)]
+        return detail[0] if detail else f"it holds more than tensor data ({type(exc).__name__})"
     return None
 
 
@@ -632,14 +659,14 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
             f"supported; this hf_optcore reads {SCHEMA_VERSION}"
         )
     files = manifest["files"]
-    for what, names in _expected(manifest, root):
-        if not any(rel in names or _matches(rel, names) for rel in files):
-            raise CheckpointError(f"checkpoint {str(root)!r}: its manifest does not list {what}, which every "
-                                  f"checkpoint of its kind holds (a damaged or edited manifest){_HINT}")
     for rel in _loaded_on_disk(root):
         if rel not in files:
             raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} is there but not listed in the manifest "
                                   f"(added or replaced after the save){_HINT}")
+    for what, names in _expected(manifest, root):
+        if not any(rel in names or _matches(rel, names) for rel in files):
+            raise CheckpointError(f"checkpoint {str(root)!r}: its manifest does not list {what}, which every "
+                                  f"checkpoint of its kind holds (a damaged or edited manifest){_HINT}")
     for rel, entry in sorted(files.items()):
         p = root / rel
         if not p.is_file():
@@ -658,6 +685,6 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
             reason = plain_tensor_problem(root / rel, numpy_state=rel.startswith("rng_state"))
             if reason:
                 raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} is not a plain tensor file (possible "
-                                      f"tampering: torch.load(weights_only=True) refuses it: {reason})")
+                                      f"tampering; torch.load(weights_only=True) refuses it: {reason})")
     return manifest
 

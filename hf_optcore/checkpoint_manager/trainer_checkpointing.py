@@ -307,6 +307,8 @@ class TrainerCheckpointing:
                 if entry.get("step") == t.state.global_step:
                     metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
             written = storage.written_since(path, self._before_save)
+            for rel in storage.remove_stale(path, written):
+                logger.warning("removed %s from %s: an earlier save left it and this one did not rewrite it", rel, path)
             storage.commit_in_place(path, t.state.global_step, self._meta(metrics), written, durable=self.durable)
             if self._run_record is not None:
                 self._run_record["last_checkpoint"] = int(t.state.global_step)
