@@ -35,7 +35,8 @@ def storage_full_reason(exc: BaseException, directory: str | os.PathLike) -> str
 
     The exception chain is searched for ``ENOSPC`` / ``EDQUOT`` / ``EFBIG`` (or their messages: safetensors
     reports ``os error 28``). torch's archive writer reports only ``unexpected pos`` or ``iostream error``, so for
-    any other failure the filesystem of ``directory`` is asked: under 1 MiB left means it filled up.
+    any other failure the files and filesystem of ``directory`` are asked: a file that stopped at the process's
+    file-size limit (RLIMIT_FSIZE), or under 1 MiB left on the filesystem, means the write ran out of room.
     """
     seen, cur = set(), exc
     while cur is not None and id(cur) not in seen:
@@ -49,6 +50,8 @@ def storage_full_reason(exc: BaseException, directory: str | os.PathLike) -> str
             return "file too large (over the file size limit, ulimit -f)"
         cur = cur.__cause__ or cur.__context__
     path = Path(directory)
+    if _reached_file_size_limit(path):
+        return "file too large (over the file size limit, ulimit -f)"
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
@@ -56,6 +59,26 @@ def storage_full_reason(exc: BaseException, directory: str | os.PathLike) -> str
     except OSError:
         return None
     return "no space left on device" if st.f_bavail * st.f_frsize < _FREE_MARGIN else None
+
+
+def _reached_file_size_limit(path: Path) -> bool:
+    """Whether a file under ``path`` stopped at this process's RLIMIT_FSIZE (torch's writer hides the EFBIG)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return False
+    if limit == resource.RLIM_INFINITY or not path.is_dir() or path.is_symlink():
+        return False
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            try:
+                if os.lstat(os.path.join(dirpath, name)).st_size >= limit:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 class PreemptionHandler:
