@@ -215,6 +215,7 @@ class NonFiniteGuard:
         self.skipped_steps: list[int] = []
         self.last_step_skipped = False
         self.first_bad_step: int | None = None  # the first optimizer step with a non-finite loss (any mode)
+        self.first_bad_save: int | None = None  # "ignore": the first step saved with non-finite weights
         self._bad_loss = False
         self._last_step_bad = False
         self._bad_since_log = False
@@ -276,6 +277,16 @@ class NonFiniteGuard:
                 f"the update of optimizer step {step + 1} left non-finite weights (a learning rate too high, or an "
                 f"overflow); training stops without saving them (the last saved checkpoint is intact)"
             )
+
+    def observe_saved_weights(self, params: list[torch.Tensor], step: int) -> None:
+        """With ``"ignore"``, note whether the checkpoint of ``step`` holds non-finite weights (every rank calls it)."""
+        if self.on_nonfinite == "ignore" and self.first_bad_save is None and not all_finite(params):
+            self.first_bad_save = step
+
+    def last_good_step(self) -> int | None:
+        """Checkpoints before this step hold weights that were finite and trained on finite losses (None: all)."""
+        bad = [s for s in (self.first_bad_step, self.first_bad_save) if s is not None]
+        return min(bad) if bad else None
 
     def check_final(self, params: list[torch.Tensor], step: int) -> None:
         """With ``"ignore"``, at the end of training: raise :class:`NonFiniteError` when the weights are non-finite

@@ -135,10 +135,19 @@ class TrainerCheckpointing:
         return found[-1].path if found else None
 
     def last_good_checkpoint(self) -> Path | None:
-        """The newest checkpoint saved before the first non-finite step (the latest when there was none)."""
-        bad = self.guard.first_bad_step
+        """The newest checkpoint saved before the first non-finite loss or weights (the latest when there were none)."""
+        bad = self.guard.last_good_step()
         found = [c for c in self.checkpoints() if bad is None or c.step < bad]
         return found[-1].path if found else None
+
+    def divergence_note(self) -> str:
+        """Where a diverged run can go back to, for its one error line."""
+        good = self.last_good_checkpoint()
+        if good is not None:
+            return f"the last good checkpoint is {good}"
+        if self.checkpoints():
+            return "every checkpoint saved holds non-finite weights or followed a non-finite loss"
+        return "no checkpoint was saved"
 
     def prune(self) -> list[Path]:
         """Delete this run's checkpoints that no retention rule keeps (only the files each manifest lists)."""
@@ -299,6 +308,7 @@ class TrainerCheckpointing:
         rank_state = {"rng": _rng.capture(), **({"pending_collate_rng": pending} if pending is not None else {})}
         path.mkdir(parents=True, exist_ok=True)
         components.write_rank_state(path, rank, rank_state)
+        self.guard.observe_saved_weights([p for p in self._trained() if p.requires_grad], t.state.global_step)
         barrier()
         if rank == 0:
             components.write_components(path, t.optcore_state, t.optcore_config)

@@ -235,9 +235,8 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
         if debug:
             raise
         # Not bad input and not a bug: the run diverged. Nothing non-finite was saved as the result.
-        latest = trainer.optcore_checkpointing.last_good_checkpoint()
-        print(f"\nerror: training diverged: {exc}; "  # a new line: a progress bar may hold the current one
-              + (f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved"), file=sys.stderr)
+        # A new line first: a progress bar may hold the current one.
+        print(f"\nerror: training diverged: {exc}; {trainer.optcore_checkpointing.divergence_note()}", file=sys.stderr)
         return 3
     except (ConfigError, OptCoreError) as exc:
         if debug:
