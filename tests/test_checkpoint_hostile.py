@@ -319,7 +319,7 @@ def test_an_empty_manifest_or_an_unlisted_swapped_optimizer_does_not_verify(run,
     t = make_trainer(run, max_steps=3, ga=1, every=1, resume_from="auto", allow_changes=["training.max_steps"])
     with caplog.at_level("WARNING"):
         t.train()
-    assert f"does not list optimizer.pt, which every checkpoint of its kind holds" in caplog.text
+    assert "does not list optimizer.pt, which every checkpoint of its kind holds" in caplog.text
     assert f"falling back to '{run / 'checkpoint-1'}'" in caplog.text
     assert t.optcore_checkpointing.resume_path == run / "checkpoint-1"
 

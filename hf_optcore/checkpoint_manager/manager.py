@@ -20,8 +20,7 @@ from hf_optcore.checkpoint_manager import components as _components
 from hf_optcore.checkpoint_manager import resume as _resume
 from hf_optcore.checkpoint_manager import retention, storage
 from hf_optcore.checkpoint_manager import rng as _rng
-from hf_optcore.checkpoint_manager.components import COMPONENTS_DIR, component_file, rank_file  # noqa: F401
-from hf_optcore.checkpoint_manager.topology import TOPOLOGY_KEYS, differences, topology_problems
+from hf_optcore.checkpoint_manager.topology import differences, topology_problems
 from hf_optcore.distributed import barrier as _barrier
 from hf_optcore.distributed import rank_and_world as _dist
 from hf_optcore.errors import CheckpointError
@@ -29,6 +28,8 @@ from hf_optcore.wrapping import is_peft_model as _is_peft
 from hf_optcore.wrapping import unwrap_model as _unwrap
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointManager"]
 
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -315,5 +316,3 @@ class CheckpointManager:
         return _components.rank_state(Path(path), _dist()[0],
                                       new_rank_ok=getattr(self.config, "allow_topology_change", False))
 
-
-__all__ = ["CheckpointManager", "TOPOLOGY_KEYS"]

@@ -163,7 +163,7 @@ def _member_problem(root: Path, rel: str) -> str | None:
 def _files_under(root: Path) -> list[str]:
     """Regular files under ``root`` (symbolic links neither listed nor followed), the manifest excepted."""
     out = []
-    for dirpath, dirnames, names in os.walk(root):  # os.walk does not descend into linked directories
+    for dirpath, _, names in os.walk(root):  # os.walk does not descend into linked directories
         for name in names:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root).replace(os.sep, "/")

@@ -38,7 +38,12 @@ import torch
 
 from hf_optcore.checkpoint_manager import components, ownership, resume, retention, run_identity, storage
 from hf_optcore.checkpoint_manager import rng as _rng
-from hf_optcore.checkpoint_manager.faults import NonFiniteGuard, PreemptionHandler, StorageFullError, storage_full_reason
+from hf_optcore.checkpoint_manager.faults import (
+    NonFiniteGuard,
+    PreemptionHandler,
+    StorageFullError,
+    storage_full_reason,
+)
 from hf_optcore.checkpoint_manager.topology import Topology, epoch_length_problem
 from hf_optcore.distributed import barrier, rank_and_world
 from hf_optcore.errors import CheckpointError, RunDirError
