@@ -137,7 +137,8 @@ def test_a_crafted_checkpoint_never_touches_anything_outside_it(run, tmp_path, f
 
     # Named explicitly: one error naming why, and nothing anywhere changed.
     with pytest.raises(CheckpointError) as info:
-        make_trainer(run, max_steps=3, ga=1, every=1, resume_from=str(run / "checkpoint-1")).train()
+        make_trainer(run, max_steps=3, ga=1, every=1, resume_from=str(run / "checkpoint-1"),
+                     allow_changes=["training.max_steps"]).train()
     assert reason in str(info.value) and "\n" not in str(info.value)
     assert tree(tmp_path) == everything
 
@@ -173,7 +174,7 @@ _JUNK = ["..", "/", ".", "", "~", "a/../..", "./model.safetensors", "components/
          "../run/checkpoint-2/model.safetensors", "../../../../../../../../etc/hostname"]
 
 
-def _random_edit(rnd: random.Random, ckpt: Path, victim: Path) -> None:
+def _random_edit(rnd: random.Random, ckpt: Path, victim: Path, kind: int | None = None) -> None:
     if ckpt.is_symlink():
         return  # already a link out: editing "its" manifest would be the test writing outside, not hf_optcore
     text = (ckpt / "manifest.json").read_text() if (ckpt / "manifest.json").is_file() else "{}"
@@ -185,7 +186,7 @@ def _random_edit(rnd: random.Random, ckpt: Path, victim: Path) -> None:
         m = {}
     files = m.get("files") if isinstance(m.get("files"), dict) else {}
     targets = [victim / "victim.txt", victim / "sub" / "victim_abs.txt", victim / "optimizer.pt"]
-    kind = rnd.randrange(12)
+    kind = rnd.randrange(12) if kind is None else kind
     if kind == 0:  # an outside file by a relative path
         t = rnd.choice(targets)
         files[os.path.relpath(t, ckpt)] = entry(t)
@@ -279,8 +280,9 @@ def test_random_manifest_edits_under_the_trainer_never_change_anything_outside(r
     rnd = random.Random(1234)
     victim = make_victim(tmp_path)
     outside = tree(victim)
-    for _ in range(3):
-        _random_edit(rnd, run / f"checkpoint-{rnd.choice([1, 2])}", victim)
+    for _ in range(3):  # escapes into checkpoint-1 (pruned by keep_last=1, replaced by overwrite), junk into 2
+        _random_edit(rnd, run / "checkpoint-1", victim, kind=rnd.choice([0, 1, 3, 4, 10, 11]))
+    _random_edit(rnd, run / "checkpoint-2", victim)
     for checkpoint in ({"resume_from": "auto", "keep_last": 1, "allow_changes": ["training.max_steps"]},
                        {"overwrite": True, "keep_last": 1}):
         try:
@@ -368,25 +370,24 @@ def test_a_tampered_pickle_falls_back_with_auto_and_is_one_error_when_named(run,
 
 
 @pytest.mark.slow
-def test_a_tampered_pickle_named_to_the_recipe_is_one_error_line(tmp_path):
-    import subprocess
-    import sys
+def test_a_tampered_pickle_named_to_the_recipe_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from hf_optcore.recipes import sft
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
     base = ["--no-samples", "--config", str(repo / "recipes" / "configs" / "tiny_smoke.yaml"), f"output_dir={out}",
             "training.max_steps=2", "checkpoint.every_n_steps=2", "data.max_train_samples=32",
-            "data.max_eval_samples=8"]
-    script = str(repo / "recipes" / "sft.py")
-    r = subprocess.run([sys.executable, script, *base], capture_output=True, text=True, timeout=600, cwd=repo)
-    assert r.returncode == 0, r.stderr[-3000:]
+            "data.max_eval_samples=8", "training.write_report=false"]
+    assert sft.main(base) == 0
+    capsys.readouterr()
     marker = tmp_path / "pwned"
     _tamper(out / "checkpoint-2", marker, "scheduler.pt")
-    r = subprocess.run([sys.executable, script, *base, f"checkpoint.resume_from={out / 'checkpoint-2'}"],
-                       capture_output=True, text=True, timeout=600, cwd=repo)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "file 'scheduler.pt' is not a plain tensor file (possible tampering" in errors[0]
+    assert sft.main([*base, f"checkpoint.resume_from={out / 'checkpoint-2'}"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "file 'scheduler.pt' is not a plain tensor file (possible tampering" in errors[0]
     assert not marker.exists()
 
 
