@@ -119,3 +119,30 @@ def test_a_write_stopped_by_the_file_size_limit_is_recognised(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.stdout.strip() == "RuntimeError | file too large (over the file size limit, ulimit -f)", r.stderr[-2000:]
+
+
+def test_the_standalone_manager_on_a_full_disk_raises_one_error_and_keeps_its_checkpoints(tmp_path):
+    import torch
+
+    from hf_optcore.checkpoint_manager import CheckpointManager
+    from hf_optcore.checkpoint_manager.faults import StorageFullError
+    from hf_optcore.config import CheckpointConfig
+    from hf_optcore.tiny import build_tiny_model
+
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        model = build_tiny_model("llama", seed=0)
+        mgr = CheckpointManager(CheckpointConfig(keep_last=1), small / "out", model,
+                                torch.optim.AdamW(model.parameters()))
+        first = mgr.save(1)
+        with open(small / "filler", "wb") as fh:
+            fh.write(b"\0" * max(0, shutil.disk_usage(small).free - _size(first) // 2))
+        with pytest.raises(StorageFullError, match=f"no space left on device in '{small / 'out'}' while saving "
+                                                   f"checkpoint-2: the partial checkpoint was removed"):
+            mgr.save(2)
+        assert [c.step for c in mgr.checkpoints()] == [1] and storage.verify(first)
+        assert sorted(p.name for p in (small / "out").iterdir()) == ["checkpoint-1"]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)

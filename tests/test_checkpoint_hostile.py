@@ -369,6 +369,17 @@ def test_a_tampered_pickle_falls_back_with_auto_and_is_one_error_when_named(run,
     assert not marker.exists()  # nothing was executed
 
 
+def test_a_tampered_pickle_in_a_plain_transformers_checkpoint_is_refused_before_transformers_loads_it(run, tmp_path):
+    ckpt = run / "checkpoint-2"
+    (ckpt / "manifest.json").unlink()  # a plain transformers checkpoint now: no integrity check, still no code
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Evil(marker)}, ckpt / "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"file 'optimizer.pt' is not a plain tensor file \(possible tampering; "
+                                              r"torch.load\(weights_only=True\) refuses it: it names posix.system"):
+        make_trainer(run, max_steps=3, ga=1, every=1, resume_from=str(ckpt), allow_changes=["training.max_steps"]).train()
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_a_tampered_pickle_named_to_the_recipe_is_one_error_line(tmp_path, monkeypatch, capsys):
     from hf_optcore.recipes import sft

@@ -20,6 +20,7 @@ from hf_optcore.checkpoint_manager import components as _components
 from hf_optcore.checkpoint_manager import resume as _resume
 from hf_optcore.checkpoint_manager import retention, storage
 from hf_optcore.checkpoint_manager import rng as _rng
+from hf_optcore.checkpoint_manager.faults import StorageFullError, storage_full_reason
 from hf_optcore.checkpoint_manager.topology import differences, topology_problems
 from hf_optcore.distributed import barrier as _barrier
 from hf_optcore.distributed import rank_and_world as _dist
@@ -142,6 +143,9 @@ class CheckpointManager:
 
         Returns:
             The path of the new ``checkpoint-<step>``.
+
+        Raises:
+            StorageFullError: no space left (or a quota or file-size limit): nothing of this save remains.
         """
         rank, world = _dist()
         tmp = storage.tmp_dir_for(self.output_dir, step)
@@ -152,8 +156,16 @@ class CheckpointManager:
         _barrier()
         final = self.output_dir / f"{storage.PREFIX}{step}"
         if rank == 0:
-            self._write_shared(tmp, extra_json or {})
-            final = storage.commit(tmp, step, self._meta(metrics, world), durable=self.durable)
+            try:
+                self._write_shared(tmp, extra_json or {})
+                final = storage.commit(tmp, step, self._meta(metrics, world), durable=self.durable)
+            except Exception as exc:
+                reason = storage_full_reason(exc, tmp)
+                if reason is None:
+                    raise
+                storage.remove_leftovers(self.output_dir)  # the temporary directory: its space back
+                raise StorageFullError(f"{reason} in {str(self.output_dir)!r} while saving checkpoint-{step}: the "
+                                       f"partial checkpoint was removed; the earlier ones are complete") from exc
             self.prune()
         _barrier()
         return final

@@ -6,8 +6,8 @@
   back to <the previous one>"); with a run that owns its directory, only that run's checkpoints
   (:mod:`~hf_optcore.checkpoint_manager.ownership`).
 - a ``checkpoint-<step>`` written by hf_optcore: it must verify (:func:`~hf_optcore.checkpoint_manager.storage.verify`).
-- a plain transformers checkpoint (``trainer_state.json``, no manifest): accepted with a warning; hf_optcore's
-  components start fresh.
+- a plain transformers checkpoint (``trainer_state.json``, no manifest): accepted with a warning (its torch files
+  must still be plain tensors); hf_optcore's components start fresh.
 - a run's output directory (it holds ``checkpoint-<step>`` folders or a ``run.json``) is refused with one line
   naming the checkpoints it holds: resuming "the run folder" would otherwise load the final weights with a fresh
   optimizer and RNG, which is no resume at all. Name one of its checkpoints, or use ``auto`` with that directory
@@ -88,6 +88,10 @@ def resolve_path(spec: Any, verify: bool = True) -> Target:
                                   f"checkpoint ({held}); resuming it would load its final weights with a fresh "
                                   f"optimizer and random state")
         if (path / storage.TRAINER_STATE).is_file():
+            try:  # transformers loads its torch files with weights_only too; refuse them here in one line instead
+                storage.check_plain_tensors(path)
+            except CheckpointError as exc:
+                raise CheckpointError(f"checkpoint.resume_from: {exc}") from None
             return Target(path, None, [f"resuming from {path}, a checkpoint not written by hf_optcore (or whose "
                                        f"manifest is gone): no integrity check, and hf_optcore's components (EMA, "
                                        f"sampler position, collate RNG) start fresh"])

@@ -680,11 +680,18 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
         if sha256_of(p) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} does not match its sha256 in the "
                                   f"manifest{_HINT}")
-    for rel in sorted(files):
+    check_plain_tensors(root, sorted(files))
+    return manifest
+
+
+def check_plain_tensors(root: Path, rels: list[str] | None = None) -> None:
+    """Raise :class:`CheckpointError` for the first torch file among ``rels`` (default: every one a resume reads
+    from ``root``) that ``torch.load(weights_only=True)`` refuses: it is not tensor data, possibly tampered with."""
+    root = Path(root)
+    for rel in _loaded_on_disk(root) if rels is None else rels:
         if _matches(rel, _TENSOR_FILES) or (rel.startswith("components/") and rel.endswith(".pt")):
             reason = plain_tensor_problem(root / rel, numpy_state=rel.startswith("rng_state"))
             if reason:
                 raise CheckpointError(f"checkpoint {str(root)!r}: file {rel!r} is not a plain tensor file (possible "
                                       f"tampering; torch.load(weights_only=True) refuses it: {reason})")
-    return manifest
 
