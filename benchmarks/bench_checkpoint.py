@@ -68,7 +68,7 @@ def _time_saves(trainer, repeats, durable=True):
     for i in range(repeats):
         trainer.state.global_step = 1000 + i
         if hasattr(trainer, "optcore_checkpointing"):
-            trainer.optcore_checkpointing.manager.durable = durable
+            trainer.optcore_checkpointing.durable = durable
         t0 = time.perf_counter()
         trainer._save_checkpoint(trainer.model_wrapped, None)
         times.append(time.perf_counter() - t0)

@@ -47,7 +47,7 @@ class CheckpointCallback(TrainerCallback):
     stops, and with ``checkpoint.every_n_steps=0`` one checkpoint is saved at the final step.
 
     Args:
-        checkpointing: the trainer's ``TrainerCheckpointing`` (``hf_optcore.checkpoint_manager``).
+        checkpointing: the trainer's ``TrainerCheckpointing`` (``hf_optcore.checkpoint_manager.trainer_checkpointing``).
     """
 
     def __init__(self, checkpointing):

@@ -53,7 +53,6 @@ EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "label_tokens")
 # More dataloader workers than this many per CPU only fight over the CPUs (and a huge number forks the machine
 # to a halt); torch's DataLoader already warns above one per CPU.
 _WORKERS_PER_CPU = 4
-_TOPOLOGY = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 def preflight(config: Any, *, world_size: int | None = None) -> list[str]:
@@ -410,101 +409,28 @@ def _model_problems(config: Any) -> list[str]:
 # ---- resume -------------------------------------------------------------------------------
 
 
-def _resume_target(config: Any) -> tuple[Path | None, dict | None, list[str]]:
-    """The checkpoint ``checkpoint.resume_from`` resumes, its manifest, or the problems found."""
-    from hf_optcore.checkpoint_manager import storage
+def _resume_problems(config: Any, world_size: int) -> list[str]:
+    """What stands against the resume, all at once, as the Trainer will find it (the same functions decide)."""
+    from hf_optcore.checkpoint_manager import resume
+    from hf_optcore.checkpoint_manager.resume_changes import allow_changes_problems
+    from hf_optcore.checkpoint_manager.topology import Topology
     from hf_optcore.errors import CheckpointError
 
-    spec = config.checkpoint.resume_from
-    if spec == "auto":
-        complete = storage.list_complete(config.output_dir)
-        errors = []
-        for info in reversed(complete):  # as the checkpoint manager: the newest intact one
-            try:
-                return info.path, storage.verify(info.path), []
-            except CheckpointError as exc:
-                errors.append(str(exc))
-        if errors:
-            return None, None, [f"checkpoint.resume_from: 'auto' finds no intact checkpoint in "
-                                f"{config.output_dir!r}: {'; '.join(errors)}"]
-        return None, None, []  # nothing to resume: a fresh start
-    path = Path(spec).expanduser()
-    if not path.exists():
-        return None, None, [f"checkpoint.resume_from: {spec!r} does not exist"]
-    if not path.is_dir():
-        return None, None, [f"checkpoint.resume_from: {spec!r} is not a checkpoint directory"]
-    try:
-        return path, storage.verify(path), []
-    except CheckpointError as exc:
-        inside = [c.path.name for c in storage.list_complete(path)]
-        hint = f" (it holds {', '.join(inside)}: name one of them, or use 'auto')" if inside else ""
-        return None, None, [f"checkpoint.resume_from: {exc}{hint}"]
-
-
-def _saved_optimizer(path: Path) -> str | None:
-    import yaml
-
-    try:
-        saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        return str(saved["training"]["optimizer"])
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
-        return None
-
-
-def _canonical_optimizer(name: str) -> str:
-    from hf_optcore import optim
-
-    try:
-        return optim.get_optimizer_info(name).name
-    except KeyError:
-        return name
-
-
-def _run_dir_target(config: Any) -> tuple[Path | None, dict | None, list[str]]:
-    """The checkpoint the run resumes as the run that owns ``output_dir`` would resolve it, and why it may not start."""
-    from hf_optcore.checkpoint_manager.ownership import plan_run
-    from hf_optcore.checkpoint_manager.run_identity import in_use_message, lock_holder
-
-    problems = []
-    holder = lock_holder(config.output_dir)
-    if holder is not None:
-        problems.append(in_use_message(config.output_dir, holder))
-    plan = plan_run(config, config.checkpoint.resume_from, verify=True)
-    return plan.resume, plan.manifest, problems + plan.problems
-
-
-def _resume_problems(config: Any, world_size: int) -> list[str]:
-    from hf_optcore.checkpoint_manager.resume_changes import allow_changes_problems, step_size_problem
-
     problems = allow_changes_problems(config)
+    topology = Topology.of_config(config, world_size)
+    spec = config.checkpoint.resume_from
     if config.checkpoint.own_output_dir:
-        path, manifest, found = _run_dir_target(config)
-    elif config.checkpoint.resume_from:
-        path, manifest, found = _resume_target(config)
-    else:
+        from hf_optcore.checkpoint_manager.ownership import plan_run
+        from hf_optcore.checkpoint_manager.run_identity import in_use_message, lock_holder
+
+        holder = lock_holder(config.output_dir)
+        if holder is not None:
+            problems.append(in_use_message(config.output_dir, holder))
+        return problems + plan_run(config, spec, verify=True, topology=topology).problems
+    if not spec:
         return problems
-    problems += found
-    if path is None:
-        return problems
-    t = config.training
-    saved_opt = _saved_optimizer(path)
-    if saved_opt is not None and _canonical_optimizer(saved_opt) != _canonical_optimizer(t.optimizer):
-        problems.append(f"training.optimizer: {t.optimizer!r}, but checkpoint {str(path)!r} holds the state of "
-                        f"{saved_opt!r}; resume with training.optimizer={saved_opt}, or start a new run")
-    saved = (manifest or {}).get("topology") or {}
-    now = {"world_size": world_size, "per_device_train_batch_size": t.per_device_train_batch_size,
-           "gradient_accumulation_steps": t.gradient_accumulation_steps}
-    if config.checkpoint.allow_topology_change:
-        step = step_size_problem(saved, now, config.data.batching, path)
-        return problems + ([step] if step and config.data.batching != "hf" else [])
-    exact = "resuming would not be exact. Use the same, or set checkpoint.allow_topology_change=true"
-    for key in _TOPOLOGY:
-        if key not in saved or saved[key] == now[key]:
-            continue
-        if key == "world_size":
-            problems.append(f"checkpoint.resume_from: {str(path)!r} was saved by {saved[key]} process(es), this run "
-                            f"has {now[key]}; {exact}")
-        else:
-            problems.append(f"training.{key}: {now[key]}, but checkpoint {str(path)!r} was saved with {saved[key]}; "
-                            f"{exact}")
-    return problems
+    try:
+        target = resume.find(spec, config.output_dir)
+    except CheckpointError as exc:
+        return problems + [str(exc)]
+    return problems + resume.objections(config, target, topology, compare_config=False)[1]

@@ -169,7 +169,7 @@ class OptCoreMixin:
             self.add_callback(TrainingReportCallback(lambda: self.optcore_config))
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(ThroughputProgressCallback())  # transformers' bar, with real tokens/s and padding
-        from hf_optcore.checkpoint_manager.trainer_hooks import TrainerCheckpointing
+        from hf_optcore.checkpoint_manager.trainer_checkpointing import TrainerCheckpointing
 
         self.optcore_checkpointing = TrainerCheckpointing(self)
         if cfg.ema.enabled:
@@ -384,7 +384,7 @@ class OptCoreMixin:
         best = self.state.best_model_checkpoint
         if self.args.load_best_model_at_end and best and metric.removeprefix("eval_").startswith("ema_"):
             # The best checkpoint was chosen by an EMA metric: its EMA, not the last step's, is the result.
-            from hf_optcore.checkpoint_manager.manager import component_file
+            from hf_optcore.checkpoint_manager.components import component_file
 
             file = Path(best) / component_file("ema")
             if file.is_file():
@@ -416,7 +416,7 @@ class OptCoreMixin:
             self.optcore_checkpointing.end_train()
         if self.optcore_checkpointing.preempted:
             preemption = self.optcore_checkpointing.preemption
-            where = self.optcore_checkpointing.manager.latest()
+            where = self.optcore_checkpointing.latest()
             print(f"stopped by {'Ctrl-C' if preemption.interrupted else 'a signal'} at step {self.state.global_step}; "
                   f"checkpoint saved in {where}; resume with checkpoint.resume_from=auto", flush=True)
             raise SystemExit(preemption.exit_status)
@@ -433,22 +433,18 @@ class OptCoreMixin:
 
     def _optcore_save_checkpoint(self, model, trial) -> None:
         # transformers writes its checkpoint (its layout and savers); then components, manifest last, retention.
-        path = self.optcore_checkpointing.checkpoint_dir(self._get_output_dir(trial=trial))
-        self.optcore_checkpointing.before_save(path)
-        # Retention (save_total_limit) is applied once the new checkpoint counts, not by transformers' mtime-based
-        # rotation before its manifest exists.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
+        parent = super()
+
+        def transformers_save():
             with self._optimizer_eval_mode():
-                super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.optcore_checkpointing.after_save(path)
+                parent._save_checkpoint(model, trial)
+
+        self.optcore_checkpointing.save(self._get_output_dir(trial=trial), transformers_save)
 
     def _load_rng_state(self, checkpoint) -> None:
         if not self._optcore_on or not self.optcore_checkpointing.owns_rng(checkpoint):
             return super()._load_rng_state(checkpoint)
-        # Restored before the first batch is collated, not after it (see checkpoint_manager/trainer_hooks.py).
+        # Restored before the first batch is collated, not after it (see checkpoint_manager/trainer_checkpointing.py).
         self.optcore_checkpointing.load_rng_at_epoch_start()
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -502,6 +498,7 @@ class OptCoreMixin:
         if self._optcore_on and "loss" in logs:
             # Training logs carry padding fraction and real tokens/s since the previous log, over all ranks.
             logs.update(self.optcore_data_meter.pop_metrics(reduce=self._optcore_sum_over_ranks))
+            self.optcore_checkpointing.guard.honest_loss(logs)  # on_nonfinite=ignore: a NaN loss logs nan, not 0
         super().log(logs, start_time)
 
     def _optcore_sum_over_ranks(self, counts: list[int]) -> list[int]:

@@ -14,6 +14,7 @@ from hf_optcore.checkpoint_manager.faults import NonFiniteError
 from tests._checkpoint_helpers import make_trainer
 
 SCRIPT = Path(__file__).with_name("_checkpoint_train_script.py")
+PAUSES = Path(__file__).with_name("_save_pauses.py")  # pauses inside each save, from outside the library
 
 
 class Snapshots(TrainerCallback):
@@ -68,7 +69,7 @@ def test_consecutive_nonfinite_steps_stop_with_last_checkpoint_intact(tmp_path):
     from hf_optcore.checkpoint_manager import verify
 
     # Step 4 was skipped (parameters unchanged), so its checkpoint is good; step 5 hit the limit.
-    found = t.optcore_checkpointing.manager.checkpoints()
+    found = t.optcore_checkpointing.checkpoints()
     assert [c.step for c in found] == [2, 4]
     for c in found:
         verify(c.path)
@@ -133,7 +134,7 @@ def test_sigkill_inside_saves_always_resumes_from_a_complete_checkpoint(tmp_path
     # (n-th save, point inside it): each run is killed there, then restarted from what is on disk. transformers
     # writes checkpoint-<step> in place; it counts only once hf_optcore's manifest is written, last.
     for nth, point in [(1, "after_hf_save"), (2, "before_manifest"), (2, "after_state")]:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, str(PAUSES), str(SCRIPT), str(tmp_path)], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, env={**os.environ, **env})
         seen = 0
         for line in proc.stdout:

@@ -86,7 +86,7 @@ def test_save_total_limit_is_applied_by_hf_optcore_after_each_checkpoint_counts(
     trainer = OptCoreTrainer(model=build_tiny_model("llama", seed=0), args=args, optcore_config=cfg,
                              train_dataset=_dataset())
     seen = []
-    original = trainer.optcore_checkpointing.manager.prune
+    original = trainer.optcore_checkpointing.prune
 
     def prune():
         # When retention runs, the newest checkpoint is already complete: nothing is deleted before it counts.
@@ -94,7 +94,7 @@ def test_save_total_limit_is_applied_by_hf_optcore_after_each_checkpoint_counts(
         seen.append((newest.name, (newest / "manifest.json").is_file()))
         return original()
 
-    trainer.optcore_checkpointing.manager.prune = prune
+    trainer.optcore_checkpointing.prune = prune
     trainer.train()
     assert trainer.args.save_total_limit == 2  # the argument keeps the user's value
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]

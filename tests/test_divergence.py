@@ -63,6 +63,51 @@ def test_an_update_that_leaves_non_finite_weights_stops_before_anything_is_saved
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
+def test_on_nonfinite_ignore_takes_every_step_but_a_non_finite_model_is_divergence_and_logs_nan(tmp_path):
+    import math
+
+    from tests._checkpoint_helpers import make_trainer, step_losses
+
+    t = make_trainer(tmp_path, max_steps=5, ga=1, every=1, dropout=0.0, on_nonfinite="ignore")
+    compute = t.compute_loss
+
+    def nan_at_step_3(model, inputs, **kw):
+        loss = compute(model, inputs, **kw)
+        return loss * float("nan") if t.state.global_step + 1 == 3 else loss
+
+    t.compute_loss = nan_at_step_3
+    with pytest.raises(NonFiniteError, match=r"training ended with non-finite weights \(the first non-finite loss was "
+                                             r"at optimizer step 3\); checkpoint.on_nonfinite is 'ignore'"):
+        t.train()
+    losses = step_losses(t)
+    assert sorted(losses) == [1, 2, 3, 4]  # step 5 ends in the error, before it is logged or saved
+    assert all(math.isfinite(losses[s]) for s in (1, 2))
+    assert all(math.isnan(losses[s]) for s in (3, 4)), losses  # transformers' nan filter would have logged 0
+    # Every step was taken and saved, as transformers does; the NaN ones are not called good.
+    assert [c.step for c in t.optcore_checkpointing.checkpoints()] == [1, 2, 3, 4]
+    assert t.optcore_checkpointing.last_good_checkpoint() == tmp_path / "checkpoint-2"
+
+
+def test_the_recipe_with_on_nonfinite_ignore_exits_3_and_saves_no_nan_result(tmp_path):
+    import json
+    import math
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), f"output_dir={out}", *TINY,
+                        "training.learning_rate=1e30", "training.optimizer=sgd", "training.max_grad_norm=0",
+                        "checkpoint.on_nonfinite=ignore", "training.max_steps=4"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 3, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert errors[0].startswith("error: training diverged: training ended with non-finite weights")
+    assert errors[0].endswith("every checkpoint saved holds non-finite weights or followed a non-finite loss")
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()  # no result saved
+    history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    logged = {e["step"]: e["loss"] for e in history if "loss" in e}
+    assert math.isfinite(logged[1]) and all(math.isnan(logged[s]) for s in (2, 3)), logged  # not 0
+
+
 def test_an_evaluation_worse_than_a_uniform_guess_after_training_exits_3_without_a_result(tmp_path):
     # Learning rate 5.0 (what a duplicated YAML key trained at): every weight stays finite and so does the training
     # loss, but the evaluation after training is far worse than before and than guessing uniformly.

@@ -28,9 +28,13 @@ def config(tmp_path: Path, *overrides: str) -> TrainerConfig:
 def fake_checkpoint(output_dir: Path, step: int = 2, optimizer: str = "adamw", world_size: int = 1,
                     batch: int = 8, accumulation: int = 1) -> Path:
     """A manifest-complete checkpoint directory as hf_optcore writes it (manifest last, sha256 of every file)."""
+    import torch
+    from safetensors.torch import save_file
+
     path = output_dir / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "optimizer.pt").write_bytes(b"optimizer state")
+    save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))  # a checkpoint lists its weights
+    torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")  # and holds plain tensor files only
     (path / "config.yaml").write_text(yaml.safe_dump({"training": {"optimizer": optimizer}}))
     files = {}
     for p in sorted(path.iterdir()):
@@ -198,7 +202,8 @@ def test_resume_from_auto_with_nothing_there_is_a_fresh_start(tmp_path):
 
 def test_resume_from_a_corrupt_checkpoint(tmp_path):
     ckpt = fake_checkpoint(tmp_path / "run")
-    (ckpt / "optimizer.pt").write_bytes(b"optimizer stat3")  # same size, other bytes
+    data = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
     (problem,) = preflight(config(tmp_path, f"checkpoint.resume_from={ckpt}"))
     assert problem.startswith("checkpoint.resume_from: checkpoint") and "'optimizer.pt' does not match" in problem
     (problem,) = preflight(config(tmp_path, "checkpoint.resume_from=auto"))

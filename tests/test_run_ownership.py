@@ -228,7 +228,9 @@ def test_the_lock_of_a_killed_process_is_no_obstacle(tmp_path):
 @pytest.mark.slow
 def test_two_runs_started_together_one_refuses_at_once(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(SMOKE), "--no-samples",
+    # Pauses inside each save, from outside the library (tests/_save_pauses.py).
+    cmd = [sys.executable, str(REPO / "tests" / "_save_pauses.py"), str(REPO / "recipes" / "sft.py"), "--config",
+           str(SMOKE), "--no-samples",
            f"output_dir={out}", "training.max_steps=6", "checkpoint.every_n_steps=2"]
     # Each save pauses (3 points x 1 s): the first to start training holds the lock for 9 s or more.
     env = {**os.environ, "HF_OPTCORE_CKPT_TEST_DELAY": "1.0", "HF_HUB_OFFLINE": "1"}

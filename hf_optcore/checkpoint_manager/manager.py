@@ -1,10 +1,14 @@
-"""``CheckpointManager``: full training state in atomic, verified, retained checkpoints."""
+"""``CheckpointManager``: full training state in atomic, verified, retained checkpoints, without the Trainer.
+
+Under ``OptCoreTrainer`` the same files, manifest and rules are written around transformers' own save by
+:class:`~hf_optcore.checkpoint_manager.trainer_checkpointing.TrainerCheckpointing`; this class is for a loop of your
+own (Accelerate, plain torch).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -12,9 +16,12 @@ from typing import Any
 
 import torch
 
+from hf_optcore.checkpoint_manager import components as _components
+from hf_optcore.checkpoint_manager import resume as _resume
+from hf_optcore.checkpoint_manager import retention, storage
 from hf_optcore.checkpoint_manager import rng as _rng
-from hf_optcore.checkpoint_manager import storage
-from hf_optcore.checkpoint_manager.retention import metric_greater_is_better, select_to_keep
+from hf_optcore.checkpoint_manager.faults import StorageFullError, storage_full_reason
+from hf_optcore.checkpoint_manager.topology import differences, topology_problems
 from hf_optcore.distributed import barrier as _barrier
 from hf_optcore.distributed import rank_and_world as _dist
 from hf_optcore.errors import CheckpointError
@@ -23,30 +30,13 @@ from hf_optcore.wrapping import unwrap_model as _unwrap
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["CheckpointManager"]
+
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
-TOPOLOGY_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
-COMPONENTS_DIR = "components"
-
-
-def component_file(name: str) -> str:
-    """Where component ``name``'s state lives inside a checkpoint."""
-    return f"{COMPONENTS_DIR}/{name}.pt"
-
-
-def rank_file(rank: int) -> str:
-    """Where one rank's RNG state (and pending collate RNG) lives inside a checkpoint."""
-    return f"{COMPONENTS_DIR}/rng_rank{rank}.pt"
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses arbitrary objects: say which file
-        raise CheckpointError(f"cannot read {str(path)!r} safely (weights_only): {exc}") from exc
 
 
 class CheckpointManager:
@@ -54,9 +44,10 @@ class CheckpointManager:
 
     Every save writes model weights (safetensors; a ``PeftModel``: adapters only), optimizer,
     scheduler, scaler, the RNG state of every rank, each registered component (EMA, sampler
-    position, ...), the resolved config and extra JSON (the Trainer's state) into a temporary
-    directory, fsyncs, writes ``manifest.json`` last and renames it to ``checkpoint-<step>``.
-    Only manifest-complete checkpoints are listed, loaded or counted.
+    position, ...), the resolved config and extra JSON into a temporary directory, fsyncs, writes
+    ``manifest.json`` last and renames it to ``checkpoint-<step>``. Only checkpoints with a valid manifest are
+    listed, loaded or counted, and nothing a manifest says is followed outside its checkpoint
+    (:mod:`~hf_optcore.checkpoint_manager.storage`).
 
     Args:
         config: the ``checkpoint`` section (:class:`~hf_optcore.config.CheckpointConfig`).
@@ -66,13 +57,12 @@ class CheckpointManager:
         scheduler: learning-rate scheduler (or None).
         scaler: gradient scaler (or None).
         tokenizer: tokenizer saved beside the weights (or None).
-        components: name -> object with ``state_dict()`` / ``load_state_dict()`` saved in every
-            checkpoint (the Trainer passes ``trainer.optcore_state``: ``"ema"``, ``"sampler"``, ...).
+        components: name -> object with ``state_dict()`` / ``load_state_dict()`` saved in every checkpoint.
         trainer_config: the whole :class:`~hf_optcore.config.TrainerConfig`, recorded (YAML and hash).
         metric_for_best_model: metric that ranks checkpoints (default ``eval_loss``, else ``loss``).
         greater_is_better: direction of that metric (default: lower is better for losses).
-        topology: ``world_size``, ``per_device_train_batch_size``, ``gradient_accumulation_steps``
-            of this run, checked against a checkpoint on load.
+        topology: ``world_size``, ``per_device_train_batch_size``, ``gradient_accumulation_steps`` of this run
+            (any of them; the world size defaults to the process group's), checked against a checkpoint on load.
         durable: fsync files and directories (turn off only to measure what fsync costs).
     """
 
@@ -101,7 +91,7 @@ class CheckpointManager:
         self.trainer_config = trainer_config
         self.metric_for_best_model = metric_for_best_model
         self.greater_is_better = greater_is_better
-        self.topology = dict(topology or {})
+        self.topology = dict(topology.to_dict() if hasattr(topology, "to_dict") else topology or {})
         self.durable = durable
         self.protected_steps: set[int] = set()
         if _dist()[0] == 0:
@@ -110,8 +100,11 @@ class CheckpointManager:
 
     # ---- listing ------------------------------------------------------------------------
 
+    def _ranking(self) -> retention.Ranking:
+        return retention.Ranking(self.metric_for_best_model, self.greater_is_better)
+
     def checkpoints(self) -> list[storage.CheckpointInfo]:
-        """Manifest-complete checkpoints, oldest step first."""
+        """Complete checkpoints (valid manifest), oldest step first."""
         return storage.list_complete(self.output_dir)
 
     def latest(self) -> Path | None:
@@ -121,26 +114,11 @@ class CheckpointManager:
 
     def best(self) -> Path | None:
         """The complete checkpoint with the best ``metric_for_best_model``, or None when none has it."""
-        scored = [(self._metric_of(c.metrics), c) for c in self.checkpoints()]
-        scored = [(m, c) for m, c in scored if m is not None and math.isfinite(m)]
-        if not scored:
-            return None
-        better = self._greater_is_better()
-        return max(scored, key=lambda mc: ((mc[0] if better else -mc[0]), mc[1].step))[1].path
+        best = self._ranking().best(self.checkpoints())
+        return best.path if best is not None else None
 
-    def _metric_key(self, metrics: dict[str, float]) -> str | None:
-        key = self.metric_for_best_model
-        if key is None:
-            return next((k for k in ("eval_loss", "loss") if k in metrics), None)
-        return key if key in metrics or key.startswith("eval_") else f"eval_{key}"
-
-    def _metric_of(self, metrics: dict[str, float]) -> float | None:
-        key = self._metric_key(metrics)
-        value = metrics.get(key) if key else None
-        return float(value) if isinstance(value, (int, float)) else None
-
-    def _greater_is_better(self) -> bool:
-        return metric_greater_is_better(self.metric_for_best_model or "eval_loss", self.greater_is_better)
+    def _topology_now(self) -> dict[str, int]:
+        return {**self.topology, "world_size": self.topology.get("world_size", _dist()[1])}
 
     # ---- save ---------------------------------------------------------------------------
 
@@ -165,20 +143,29 @@ class CheckpointManager:
 
         Returns:
             The path of the new ``checkpoint-<step>``.
+
+        Raises:
+            StorageFullError: no space left (or a quota or file-size limit): nothing of this save remains.
         """
         rank, world = _dist()
         tmp = storage.tmp_dir_for(self.output_dir, step)
         if rank == 0:
             storage.begin(self.output_dir, step)
         _barrier()
-        (tmp / COMPONENTS_DIR).mkdir(exist_ok=True)
-        torch.save({"rng": _rng.capture(), **(rank_state or {})}, tmp / rank_file(rank))
+        _components.write_rank_state(tmp, rank, {"rng": _rng.capture(), **(rank_state or {})})
         _barrier()
         final = self.output_dir / f"{storage.PREFIX}{step}"
         if rank == 0:
-            self._write_shared(tmp, extra_json or {})
-            self._pause_for_tests("before_manifest")
-            final = storage.commit(tmp, step, self._meta(metrics, world), durable=self.durable)
+            try:
+                self._write_shared(tmp, extra_json or {})
+                final = storage.commit(tmp, step, self._meta(metrics, world), durable=self.durable)
+            except Exception as exc:
+                reason = storage_full_reason(exc, tmp)
+                if reason is None:
+                    raise
+                storage.remove_leftovers(self.output_dir)  # the temporary directory: its space back
+                raise StorageFullError(f"{reason} in {str(self.output_dir)!r} while saving checkpoint-{step}: the "
+                                       f"partial checkpoint was removed; the earlier ones are complete") from exc
             self.prune()
         _barrier()
         return final
@@ -192,30 +179,6 @@ class CheckpointManager:
             "model_format": "peft_adapter" if _is_peft(_unwrap(self.model)) else "full",
         }
 
-    def write_components(self, path: Path) -> None:
-        """Write every registered component's state and the resolved config into checkpoint ``path``."""
-        if self.components:
-            (path / COMPONENTS_DIR).mkdir(parents=True, exist_ok=True)
-            for name, comp in self.components.items():
-                torch.save(comp.state_dict(), path / component_file(name))
-        self._pause_for_tests("after_state")
-        if self.trainer_config is not None:
-            self.trainer_config.to_yaml(path / "config.yaml")
-
-    def commit(self, path: Path, step: int, metrics: dict[str, float] | None, files: list[str]) -> Path:
-        """Write the manifest of checkpoint ``path`` (already holding ``files``) last: from now on it counts."""
-        self._pause_for_tests("before_manifest")
-        return storage.commit_in_place(path, step, self._meta(metrics, _dist()[1]), files, durable=self.durable)
-
-    def _pause_for_tests(self, where: str) -> None:
-        # Lets the crash tests kill a process at known points inside a save; unset in real runs.
-        delay = os.environ.get("HF_OPTCORE_CKPT_TEST_DELAY")
-        if delay:
-            import time
-
-            print(f"[checkpoint] {where}", flush=True)
-            time.sleep(float(delay))
-
     def _write_shared(self, tmp: Path, extra_json: dict[str, Any]) -> None:
         model = _unwrap(self.model)
         if _is_peft(model):
@@ -226,7 +189,6 @@ class CheckpointManager:
             save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
             if getattr(model, "config", None) is not None and hasattr(model.config, "to_json_file"):
                 model.config.to_json_file(tmp / "config.json")
-        self._pause_for_tests("after_model")
         if self.optimizer is not None:
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if self.scheduler is not None:
@@ -235,7 +197,7 @@ class CheckpointManager:
                 torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if self.scaler is not None:
             torch.save(self.scaler.state_dict(), tmp / SCALER_FILE)
-        self.write_components(tmp)
+        _components.write_components(tmp, self.components, self.trainer_config)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(tmp / "tokenizer")
         for name, obj in extra_json.items():
@@ -246,22 +208,12 @@ class CheckpointManager:
 
     def prune(self) -> list[Path]:
         """Delete complete checkpoints that no retention rule keeps; return the deleted paths."""
-        found = self.checkpoints()
-        keep = select_to_keep(
-            {c.step: self._metric_of(c.metrics) for c in found},
-            keep_last=len(found) if self.config.keep_last is None else self.config.keep_last,
-            keep_best=self.config.keep_best,
-            keep_every_n_steps=self.config.keep_every_n_steps,
-            greater_is_better=self._greater_is_better(),
-            protect=self.protected_steps,
-        )
         removed = []
-        for c in found:
-            if c.step not in keep:
-                # Only what the manifest lists goes: a file hf_optcore did not write survives.
-                if not storage.delete(c.path):
-                    logger.warning("pruned %s but kept the directory: it holds files hf_optcore did not write", c.path)
-                removed.append(c.path)
+        for c in retention.to_prune(self.checkpoints(), self.config, self._ranking(), self.protected_steps):
+            # Only what the manifest lists goes: a file hf_optcore did not write survives.
+            if not storage.delete(c.path):
+                logger.warning("pruned %s but kept the directory: it holds files hf_optcore did not write", c.path)
+            removed.append(c.path)
         return removed
 
     # ---- load ---------------------------------------------------------------------------
@@ -274,54 +226,47 @@ class CheckpointManager:
 
         Args:
             path_or_latest: a ``checkpoint-<step>`` directory or ``"latest"``.
-            verify: check every file's size and sha256 (``False``: the manifest must only be there).
+            verify: check every file against the manifest (``False``: the manifest must only be valid).
 
         Raises:
             CheckpointError: nothing complete and intact, naming every bad file found.
         """
-        check = storage.verify if verify else storage.require_manifest
         if str(path_or_latest) != "latest":
             path = Path(path_or_latest)
             if not path.is_dir():
                 raise CheckpointError(f"Can't find a valid checkpoint at {str(path)!r}: it does not exist or is not a "
                                       f"directory")
-            return path, check(path)
-        problems = []
-        for info in reversed(self.checkpoints()):
-            if not verify:
-                return info.path, info.manifest
-            try:
-                manifest = storage.verify(info.path)
-            except CheckpointError as exc:
-                problems.append(str(exc))
-                logger.warning("%s; falling back to the previous complete checkpoint", exc)
-                warnings.warn(f"{exc}; falling back to the previous complete checkpoint", stacklevel=2)
-                continue
-            return info.path, manifest
-        if problems:
-            raise CheckpointError("no intact checkpoint in " + repr(str(self.output_dir)) + ": " + "; ".join(problems))
+            return path, (storage.verify(path) if verify else storage.require_manifest(path))
+        found, manifest, errors = _resume.newest_intact(self.checkpoints(), verify)
+        for line in _resume.fallback_warnings(errors, found.path if found is not None else None):
+            logger.warning("%s", line)
+            warnings.warn(line, stacklevel=2)
+        if found is not None:
+            return found.path, manifest
+        if errors:
+            raise CheckpointError("no intact checkpoint in " + repr(str(self.output_dir)) + ": " + "; ".join(errors))
         raise CheckpointError(f"no complete checkpoint in {str(self.output_dir)!r}")
 
     def check_topology(self, manifest: dict[str, Any], path: Path | str = "") -> None:
-        """Raise unless world size, per-device batch and accumulation match (or changes are allowed)."""
-        saved = manifest.get("topology") or {}
-        now = {**self.topology, "world_size": self.topology.get("world_size", _dist()[1])}
-        diffs = [f"{k}: checkpoint {saved[k]}, this run {now[k]}" for k in TOPOLOGY_KEYS
-                 if k in saved and k in now and saved[k] != now[k]]
-        if diffs and not getattr(self.config, "allow_topology_change", False):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} was saved with another topology ({'; '.join(diffs)}); resuming would not "
-                f"be exact. Use the same settings or set checkpoint.allow_topology_change=true"
-            )
-        if diffs:
-            logger.warning("resuming %s with a different topology (%s)", path, "; ".join(diffs))
+        """Raise unless world size, per-device batch and accumulation match (or ``allow_topology_change``: warn).
+
+        Your own loop positions its data itself, so an allowed change needs no step-size check here.
+        """
+        problems, _ = topology_problems(manifest.get("topology"), self._topology_now(), allow_change=False,
+                                        batching="", where=path)
+        if problems and not getattr(self.config, "allow_topology_change", False):
+            raise CheckpointError("; ".join(problems))
+        changed = "; ".join(f"{k}: checkpoint {a}, this run {b}"
+                            for k, a, b in differences(manifest.get("topology"), self._topology_now()))
+        if changed:
+            logger.warning("resuming %s with a different topology (%s)", path, changed)
 
     def load(self, path_or_latest: str | os.PathLike = "latest", restore_rng: bool = True) -> int:
         """Restore model, optimizer, scheduler, scaler, components (and RNG) from a checkpoint.
 
         Args:
             path_or_latest: a ``checkpoint-<step>`` directory or ``"latest"``.
-            restore_rng: also set this rank's RNG state (the Trainer restores it itself, later).
+            restore_rng: also set this rank's RNG state.
 
         Returns:
             The step of the loaded checkpoint.
@@ -330,9 +275,11 @@ class CheckpointManager:
         self.check_topology(manifest, path)
         self.load_model(path)
         self.load_training_state(path)
-        self.load_components(path, manifest)
+        _components.load_components(path, self.components)
         if restore_rng:
-            _rng.restore(self.rank_state(path)["rng"])
+            state = _components.rank_state(path, _dist()[0],
+                                           new_rank_ok=getattr(self.config, "allow_topology_change", False))
+            _rng.restore(state["rng"])
         self.protected_steps.add(int(manifest["step"]))
         return int(manifest["step"])
 
@@ -370,22 +317,14 @@ class CheckpointManager:
             file = path / name
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {str(path)!r}: {name} is missing but this run has a {name[:-3]}")
-            obj.load_state_dict(_torch_load(file))
+            obj.load_state_dict(_components.safe_load(file))
 
     def load_components(self, path: Path | str, manifest: dict[str, Any] | None = None) -> None:
         """Restore every registered component that the checkpoint holds."""
-        path = Path(path)
-        for name, comp in self.components.items():
-            file = path / component_file(name)
-            if not file.is_file():
-                logger.warning("checkpoint %s has no state for %r; it starts fresh", path, name)
-                continue
-            comp.load_state_dict(_torch_load(file))
+        _components.load_components(Path(path), self.components)
 
     def rank_state(self, path: Path | str) -> dict[str, Any]:
         """This rank's saved RNG state and extra per-rank entries."""
-        rank = _dist()[0]
-        file = Path(path) / rank_file(rank)
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} has no RNG state for rank {rank} ({file.name})")
-        return _torch_load(file)
+        return _components.rank_state(Path(path), _dist()[0],
+                                      new_rank_ok=getattr(self.config, "allow_topology_change", False))
+

@@ -38,23 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_optcore.checkpoint_manager import storage
-from hf_optcore.checkpoint_manager.manager import TOPOLOGY_KEYS
-from hf_optcore.checkpoint_manager.resume_changes import (
-    compared_fingerprint,
-    config_changes,
-    diff_configs,
-    saved_config,
-    step_size_problem,
-)
+from hf_optcore.checkpoint_manager import resume, storage
+from hf_optcore.checkpoint_manager.resume_changes import compared_fingerprint, diff_configs, saved_config
 from hf_optcore.checkpoint_manager.run_identity import RunLock, new_run_id, now, read_run, write_run
+from hf_optcore.checkpoint_manager.topology import Topology
 from hf_optcore.errors import CheckpointError, RunDirError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StartPlan", "claim", "plan_run"]
 
-TRAINER_STATE = "trainer_state.json"
 _HISTORY = 100
 
 
@@ -117,25 +110,8 @@ def _scan(output_dir: Path) -> tuple[list[_Found], list[_Found]]:
     return complete, bare
 
 
-def _newest_intact(candidates: list[_Found], verify: bool) -> tuple[_Found | None, dict | None, list[str]]:
-    errors = []
-    for found in reversed(candidates):
-        if not verify:
-            return found, found.manifest, errors
-        try:
-            return found, storage.verify(found.path), errors
-        except CheckpointError as exc:
-            errors.append(str(exc))
-    return None, None, errors
-
-
 def _names(found: list[_Found]) -> str:
     return ", ".join(f.path.name for f in found)
-
-
-def _unmanifested_warning(found: _Found, resumed: Path) -> str:
-    return (f"{found.path} has no manifest (an interrupted save, or its manifest was deleted): it is never trusted "
-            f"or resumed from; resuming {resumed} instead")
 
 
 def _describe_others(config: Any, owner: dict | None, complete: list[_Found], bare: list[_Found]) -> str:
@@ -170,8 +146,8 @@ def _describe_others(config: Any, owner: dict | None, complete: list[_Found], ba
 
 
 def _ways_on(resumable: bool) -> str:
-    resume = "resume it with checkpoint.resume_from=auto, " if resumable else ""
-    return (f"{resume}choose another output_dir, or set checkpoint.overwrite=true to replace its checkpoints "
+    first = "resume it with checkpoint.resume_from=auto, " if resumable else ""
+    return (f"{first}choose another output_dir, or set checkpoint.overwrite=true to replace its checkpoints "
             f"step by step")
 
 
@@ -210,12 +186,12 @@ def _plan_auto(config: Any, owner: dict | None, complete: list[_Found], bare: li
     out = config.output_dir
     lineage_id = owner["run_id"] if owner else (complete[-1].run_id if complete else None)
     mine = [f for f in complete if f.run_id == lineage_id] if (owner or complete) else []
-    target, manifest, errors = _newest_intact(mine, verify)
+    target, manifest, errors = resume.newest_intact(mine, verify)
     if target is not None:
         run_id = lineage_id or new_run_id()
         plan = StartPlan(run_id=run_id, resume=target.path, manifest=manifest, lineage={lineage_id, run_id})
-        plan.warnings += [f"{e}; falling back to the previous complete checkpoint" for e in errors]
-        plan.warnings += [_unmanifested_warning(b, target.path) for b in bare if b.step > target.step]
+        plan.warnings += resume.fallback_warnings(errors, target.path)
+        plan.warnings += [resume.unmanifested_warning(b.path, target.path) for b in bare if b.step > target.step]
         return plan
     if errors:
         return StartPlan(run_id="", problems=[f"checkpoint.resume_from: 'auto' finds no intact checkpoint in "
@@ -244,24 +220,11 @@ def _plan_auto(config: Any, owner: dict | None, complete: list[_Found], bare: li
 
 def _plan_path(config: Any, spec: Any, owner: dict | None, complete: list[_Found], bare: list[_Found],
                verify: bool) -> StartPlan:
-    path = Path(spec).expanduser()
-    if not path.exists():
-        return StartPlan(run_id="", problems=[f"checkpoint.resume_from: {str(spec)!r} does not exist"])
-    if not path.is_dir():
-        return StartPlan(run_id="", problems=[f"checkpoint.resume_from: {str(spec)!r} is not a checkpoint directory"])
-    manifest = storage.read_manifest(path)
-    warnings = []
-    if manifest is None and (path / TRAINER_STATE).is_file():
-        warnings.append(f"resuming from {path}, a checkpoint not written by hf_optcore (or whose manifest is gone): "
-                        f"no integrity check, and hf_optcore's components (EMA, sampler position, collate RNG) "
-                        f"start fresh")
-    else:
-        try:
-            manifest = storage.verify(path) if verify or manifest is None else manifest
-        except CheckpointError as exc:
-            inside = [c.path.name for c in storage.list_complete(path)]
-            hint = f" (it holds {', '.join(inside)}: name one of them, or use 'auto')" if inside else ""
-            return StartPlan(run_id="", problems=[f"checkpoint.resume_from: {exc}{hint}"])
+    try:
+        found = resume.resolve_path(spec, verify)
+    except CheckpointError as exc:
+        return StartPlan(run_id="", problems=[str(exc)])
+    path, manifest, warnings = found.path, found.manifest, found.warnings
     rid = (manifest or {}).get("run_id") if manifest is not None else None
     run_id = rid or new_run_id()
     # A checkpoint written before run ids adopts the other id-less ones; a plain transformers one adopts nothing.
@@ -276,68 +239,55 @@ def _plan_path(config: Any, spec: Any, owner: dict | None, complete: list[_Found
                              f"{_describe_others(config, owner, foreign, [])}. Resuming {str(path)!r} "
                              f"(run {rid or 'without an id'}) there would mix two runs: choose another output_dir, "
                              f"or set checkpoint.overwrite=true to replace their checkpoints step by step")
-    plan.warnings += [_unmanifested_warning(b, path) for b in bare
+    plan.warnings += [resume.unmanifested_warning(b.path, path) for b in bare
                       if b.path.resolve() != here and b.step > storage.step_of(path)]
     return plan
 
 
-def plan_run(config: Any, resume: Any = None, *, verify: bool = True, topology: dict | None = None) -> StartPlan:
+def plan_run(config: Any, resume_spec: Any = None, *, verify: bool = True,
+             topology: Topology | None = None) -> StartPlan:
     """As what, and from which checkpoint, a run of ``config`` starts in ``config.output_dir``; reads, never writes.
+
+    Every objection to a resume is in ``problems`` at once: config fields changed without
+    ``checkpoint.allow_changes``, another optimizer, another topology (:func:`resume.objections`).
 
     Args:
         config: the run's :class:`~hf_optcore.config.TrainerConfig`.
-        resume: ``"auto"`` / True, a checkpoint path, or None (step 0).
-        verify: check the resumed checkpoint's files against its manifest (sha256).
-        topology: this run's ``world_size`` / ``per_device_train_batch_size`` / ``gradient_accumulation_steps``,
-            checked against the resumed checkpoint's (None: not checked here).
+        resume_spec: ``"auto"`` / True, a checkpoint path, or None (step 0).
+        verify: check the resumed checkpoint against its manifest (sha256 and the rest of ``storage.verify``).
+        topology: this run's topology, checked against the resumed checkpoint's (None: not checked here).
     """
     out = Path(config.output_dir)
     owner = read_run(out)
     complete, bare = _scan(out)
-    if resume is True or resume == "auto":
-        plan = _plan_auto(config, owner, complete, bare, verify, required=resume is True)
-    elif resume:
-        plan = _plan_path(config, resume, owner, complete, bare, verify)
+    if resume_spec is True or resume_spec == "auto":
+        plan = _plan_auto(config, owner, complete, bare, verify, required=resume_spec is True)
+    elif resume_spec:
+        plan = _plan_path(config, resume_spec, owner, complete, bare, verify)
     else:
         plan = _plan_fresh(config, owner, complete, bare)
     plan.owner = owner
-    if plan.resume is not None and not plan.problems:
-        plan.changes, problems = config_changes(config, plan.resume, plan.manifest)
+    if plan.resume is not None:
+        target = resume.Target(plan.resume, plan.manifest)
+        plan.changes, problems, warnings = resume.objections(config, target, topology, compare_config=True)
         plan.problems += problems
-        if topology is not None and plan.manifest is not None:
-            plan.problems += _topology_problems(config, plan, topology)
+        plan.warnings += warnings
     return plan
 
 
-def _topology_problems(config: Any, plan: StartPlan, now: dict) -> list[str]:
-    saved = plan.manifest.get("topology") or {}
-    diffs = [f"{k}: checkpoint {saved[k]}, this run {now[k]}" for k in TOPOLOGY_KEYS
-             if k in saved and k in now and saved[k] != now[k]]
-    if not diffs:
-        return []
-    if not config.checkpoint.allow_topology_change:
-        return [f"checkpoint {str(plan.resume)!r} was saved with another topology ({'; '.join(diffs)}); resuming would "
-                f"not be exact. Use the same settings or set checkpoint.allow_topology_change=true"]
-    problem = step_size_problem(saved, now, config.data.batching, plan.resume)
-    if problem and config.data.batching == "hf":
-        plan.warnings.append(f"{problem} (data.batching=hf: transformers' own positioning runs anyway)")
-        return []
-    return [problem] if problem else []
-
-
-def claim(config: Any, resume: Any, topology: dict) -> tuple[StartPlan, RunLock, dict]:
+def claim(config: Any, resume_spec: Any, topology: Topology) -> tuple[StartPlan, RunLock, dict]:
     """Plan the start, take the run lock, write ``run.json``: ``(plan, held lock, run.json record)``.
 
     Rank 0 only. Raises :class:`RunDirError` before anything is written when the run may not start (a refusal
     found without the lock touches nothing, not even the lock file); the lock is released on any failure.
     """
-    plan = plan_run(config, resume, verify=False, topology=topology)  # cheap first: no sha256
+    plan = plan_run(config, resume_spec, verify=False, topology=topology)  # cheap first: no sha256
     if plan.problems:
         raise RunDirError("; ".join(plan.problems))
     lock = RunLock(config.output_dir)
     lock.acquire()
     try:
-        plan = plan_run(config, resume, verify=True, topology=topology)  # under the lock: authoritative
+        plan = plan_run(config, resume_spec, verify=True, topology=topology)  # under the lock: authoritative
         if plan.problems:
             raise RunDirError("; ".join(plan.problems))
         record = plan.record(config)

@@ -9,6 +9,12 @@ and the accumulation have checks of their own (an optimizer state cannot change 
 ``checkpoint.allow_topology_change``); ``training.seed`` and ``training.data_seed`` cannot change at all, since a
 resume restores the checkpoint's random state and data order.
 
+A checkpoint records the values that ran, some of which transformers or hf_optcore derive per process rather than
+take from the user: ``hardware.use_cpu`` is switched on for a multi-process launch on a machine without an
+accelerator (:func:`~hf_optcore.distributed.prepare_process_group`), and transformers turns
+``dataloader_pin_memory`` off under ``use_cpu``. Both sides of a comparison are read as what they amount to on
+this machine (:func:`_as_run_here`), so a run resumed with its own command is never refused for them.
+
 When changes are allowed, transformers still restores the optimizer's ``param_groups`` (``lr``,
 ``initial_lr``, ``weight_decay``, ``betas``, ``eps``) and the scheduler's state (``base_lrs``, and the
 attributes of a scheduler's callable lambdas) from the checkpoint. :func:`reapply`, called at
@@ -27,8 +33,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Change", "allow_changes_problems", "compared_fingerprint", "config_changes", "diff_configs",
-           "epoch_length_problem", "reapply", "step_size_problem"]
+__all__ = ["Change", "allow_changes_problems", "compared_fingerprint", "config_changes", "diff_configs", "reapply"]
 
 Change = tuple  # (dotted key, the checkpoint's value, this run's value)
 
@@ -95,6 +100,20 @@ def _same(key: str, old: Any, new: Any) -> bool:
     return old == new
 
 
+def _as_run_here(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with the per-process derived values replaced by what they amount to on this machine."""
+    from hf_optcore.distributed import _accelerator_available
+
+    out = dict(flat)
+    if "hardware.use_cpu" not in out:
+        return out
+    cpu = bool(out["hardware.use_cpu"]) or not _accelerator_available()
+    out["hardware.use_cpu"] = cpu  # without an accelerator, a run is on the CPU whatever use_cpu says
+    if cpu and "hardware.dataloader_pin_memory" in out:
+        out["hardware.dataloader_pin_memory"] = False  # transformers' own rule under use_cpu; inert on the CPU
+    return out
+
+
 def compared_fingerprint(config: Any) -> str:
     """sha256 of the fields a resume compares (not where or how often things are written or reported)."""
     import hashlib
@@ -102,7 +121,7 @@ def compared_fingerprint(config: Any) -> str:
 
     from hf_optcore.config import TrainerConfig
 
-    canonical = _flatten(TrainerConfig.from_dict(config.to_dict(), validate=False).to_dict())
+    canonical = _as_run_here(_flatten(TrainerConfig.from_dict(config.to_dict(), validate=False).to_dict()))
     kept = {k: v for k, v in canonical.items() if _compared(k) or k in _OWN_CHECK}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -120,7 +139,8 @@ def diff_configs(saved: dict, config: Any) -> list[Change]:
         coerced = _flatten(TrainerConfig.from_dict(saved, validate=False).to_dict())
     except (ConfigError, TypeError, ValueError):
         coerced = recorded
-    now = _flatten(config.to_dict())
+    coerced = _as_run_here(coerced)
+    now = _as_run_here(_flatten(config.to_dict()))
     changes = []
     for key in sorted(recorded):
         if not _compared(key):
@@ -212,60 +232,6 @@ def config_changes(config: Any, path: str | Path, manifest: dict | None) -> tupl
                         f"{'this change' if len(refused) == 1 else 'these changes'} with "
                         f"checkpoint.allow_changes=[{keys}] (the new values then run), or {new_run}")
     return [c for c in changes if c not in fixed and c not in refused], problems
-
-
-# ---- topology: the examples per optimizer step ---------------------------------------------------
-
-
-def step_size_problem(saved: dict, now: dict, batching: str, where: str | Path = "") -> str | None:
-    """Why resuming a checkpoint of topology ``saved`` with ``now`` would not be exact, or None.
-
-    transformers positions a resume by optimizer steps: it skips ``global_step x accumulation`` batches of the
-    new size into the epoch it computes from the new steps per epoch. Examples consumed and examples skipped
-    agree only when every optimizer step holds as many examples as before (world size x per-device batch x
-    accumulation; for ``token_budget``, batches: world size x accumulation); the sampler then re-cuts the
-    interrupted epoch by examples consumed.
-    """
-    keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
-    if any(k not in saved or k not in now for k in keys):
-        return None
-    budget = batching == "token_budget"
-
-    def size(t: dict) -> int:
-        n = int(t["world_size"]) * int(t["gradient_accumulation_steps"])
-        return n if budget else n * int(t["per_device_train_batch_size"])
-
-    before, after = size(saved), size(now)
-    if before == after:
-        return None
-    unit = "batches" if budget else "examples"
-    formula = ("world_size x gradient_accumulation_steps" if budget else
-               "world_size x per_device_train_batch_size x gradient_accumulation_steps")
-    per = int(now["world_size"]) * (1 if budget else int(now["per_device_train_batch_size"]))
-    hint = f" (here gradient_accumulation_steps={before // per})" if before % per == 0 else ""
-    return (f"checkpoint.allow_topology_change: {str(where)!r} was saved with {before} {unit} per optimizer step "
-            f"({formula}), this run has {after}; transformers positions a resume by optimizer steps, so the rest "
-            f"of the interrupted epoch would repeat or skip examples. Keep {formula} = {before}{hint}, or start a "
-            f"new run")
-
-
-def epoch_length_problem(saved: dict, saved_batches: Any, batches: int, accumulation: int,
-                         where: str | Path = "") -> str | None:
-    """Why a topology change would not resume exactly although the step size is kept, or None.
-
-    transformers positions a resume by optimizer steps per epoch: they must not change. They can, by one, when
-    an epoch's last global batch holds fewer examples than there are processes and joins the one before.
-    """
-    ga_then = saved.get("gradient_accumulation_steps")
-    if saved_batches is None or not ga_then:
-        return None
-    before, after = -(-int(saved_batches) // int(ga_then)), -(-int(batches) // int(accumulation))
-    if before == after:
-        return None
-    return (f"checkpoint {str(where)!r}: an epoch had {before} optimizer steps when it was saved and has {after} with "
-            f"this topology (an epoch's last batch smaller than the number of processes joins the one before); "
-            f"transformers positions a resume by steps per epoch, so examples would be repeated or skipped. Resume "
-            f"with the saved topology, or a global batch that divides the data")
 
 
 # ---- making the allowed new values run -----------------------------------------------------------

@@ -46,3 +46,60 @@ def select_to_keep(
         keep.update(s for s in steps if s % keep_every_n_steps == 0)
     keep.update(s for s in protect if s in items)
     return keep
+
+
+class Ranking:
+    """How checkpoints are ranked: by ``metric_for_best_model`` (default ``eval_loss``, else ``loss``).
+
+    Args:
+        metric_for_best_model: the metric (``eval_`` prefix optional, as in transformers), or None.
+        greater_is_better: its direction (None: lower is better for a loss or perplexity, as in transformers).
+    """
+
+    def __init__(self, metric_for_best_model: str | None = None, greater_is_better: bool | None = None):
+        self.metric_for_best_model = metric_for_best_model
+        self.greater_is_better = greater_is_better
+
+    def key(self, metrics: Mapping[str, float]) -> str | None:
+        key = self.metric_for_best_model
+        if key is None:
+            return next((k for k in ("eval_loss", "loss") if k in metrics), None)
+        return key if key in metrics or key.startswith("eval_") else f"eval_{key}"
+
+    def metric_of(self, metrics: Mapping[str, float]) -> float | None:
+        key = self.key(metrics)
+        value = metrics.get(key) if key else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def higher_is_better(self) -> bool:
+        return metric_greater_is_better(self.metric_for_best_model or "eval_loss", self.greater_is_better)
+
+    def best(self, checkpoints: Iterable) -> object | None:
+        """The checkpoint (anything with ``.metrics`` and ``.step``) with the best finite metric, or None."""
+        scored = [(self.metric_of(c.metrics), c) for c in checkpoints]
+        scored = [(m, c) for m, c in scored if m is not None and math.isfinite(m)]
+        if not scored:
+            return None
+        better = self.higher_is_better
+        return max(scored, key=lambda mc: ((mc[0] if better else -mc[0]), mc[1].step))[1]
+
+
+def to_prune(checkpoints: list, config: object, ranking: Ranking, protect: Iterable[int] = ()) -> list:
+    """The checkpoints (with ``.step`` and ``.metrics``) that no retention rule of ``config`` keeps.
+
+    Args:
+        checkpoints: the complete checkpoints of the run, any order.
+        config: the ``checkpoint`` section (``keep_last``, ``keep_best``, ``keep_every_n_steps``).
+        ranking: how metrics rank.
+        protect: steps that must survive (the checkpoint a run resumed from).
+    """
+    keep = select_to_keep(
+        {c.step: ranking.metric_of(c.metrics) for c in checkpoints},
+        keep_last=len(checkpoints) if config.keep_last is None else config.keep_last,
+        keep_best=config.keep_best,
+        keep_every_n_steps=config.keep_every_n_steps,
+        greater_is_better=ranking.higher_is_better,
+        protect=protect,
+    )
+    return [c for c in checkpoints if c.step not in keep]

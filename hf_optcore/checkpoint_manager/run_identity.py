@@ -1,4 +1,4 @@
-"""The identity of a run in its output directory, the lock it holds, and its checkpoint manager.
+"""The identity of a run in its output directory and the lock it holds.
 
 - ``run.json`` (:func:`read_run` / :func:`write_run`, atomic): run id, config fingerprint
   (:meth:`~hf_optcore.config.TrainerConfig.fingerprint`), start time, host, pid, what it resumed, its newest
@@ -7,8 +7,10 @@
 - ``run.lock`` (:class:`RunLock`): an exclusive ``flock`` held by rank 0 from train start to train end, with the
   holder (host, pid, since, run id) written inside. The kernel drops it however the process ends (exception,
   SIGKILL), so a lock file left by a dead process is no obstacle; :func:`lock_holder` probes it without writing.
-- :class:`RunCheckpointManager`: lists, ranks, prunes and resumes only its own run's checkpoints, names the run in
-  every manifest and records each committed step in ``run.json``.
+
+The run's checkpoints are listed, ranked, pruned and resumed by its lineage (its run ids; see
+:class:`~hf_optcore.checkpoint_manager.trainer_checkpointing.TrainerCheckpointing`): another run's checkpoints left
+in the directory are never touched.
 
 Where and as what a run may start is :mod:`~hf_optcore.checkpoint_manager.ownership`'s.
 """
@@ -26,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from hf_optcore.checkpoint_manager import storage
-from hf_optcore.checkpoint_manager.manager import CheckpointManager
 from hf_optcore.errors import RunDirError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_FILE", "RUN_FILE", "RunCheckpointManager", "RunLock", "broadcast", "in_use_message", "lock_holder",
+__all__ = ["LOCK_FILE", "RUN_FILE", "RunLock", "broadcast", "in_use_message", "lock_holder",
            "new_run_id", "read_run", "write_run"]
 
 RUN_FILE = "run.json"
@@ -170,41 +171,6 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-
-# ---- the run's checkpoint manager ---------------------------------------------------------------
-
-
-class RunCheckpointManager(CheckpointManager):
-    """The checkpoint manager of a run that owns its output directory.
-
-    Only checkpoints of the run's ``lineage`` (run ids; None for checkpoints written before run ids) are
-    listed, ranked, pruned and resumed: another run's checkpoints left in the directory are never touched.
-    Every manifest it commits names the run (``run_id``), and ``run.json`` (``run_record``) records the newest
-    committed step. With an empty lineage it is a plain :class:`CheckpointManager`.
-    """
-
-    lineage: frozenset = frozenset()
-    run_record: dict | None = None
-
-    def checkpoints(self) -> list[storage.CheckpointInfo]:
-        found = super().checkpoints()
-        if not self.lineage:
-            return found
-        return [c for c in found if c.manifest.get("run_id") in self.lineage]
-
-    def _meta(self, metrics: dict[str, float] | None, world: int) -> dict[str, Any]:
-        meta = super()._meta(metrics, world)
-        if self.run_record is not None:
-            meta["run_id"] = self.run_record["run_id"]
-        return meta
-
-    def commit(self, path: Path, step: int, metrics: dict[str, float] | None, files: list[str]) -> Path:
-        path = super().commit(path, step, metrics, files)
-        if self.run_record is not None:
-            self.run_record["last_checkpoint"] = int(step)
-            write_run(self.output_dir, self.run_record)
-        return path
 
 
 def broadcast(obj: Any) -> Any:

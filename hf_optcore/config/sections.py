@@ -272,7 +272,8 @@ class CheckpointConfig(_Tracked):
                                      "after each checkpoint is complete.", hf="save_total_limit")
     keep_best: int = _f(1, "Also keep the top-k checkpoints by metric_for_best_model.")
     keep_every_n_steps: Optional[int] = _f(None, "Milestones: never prune checkpoints at multiples of N.")
-    resume_from: Optional[str] = _f(None, "'auto' (latest complete checkpoint, else a fresh start) or a path.",
+    resume_from: Optional[str] = _f(None, "'auto' (latest intact checkpoint, else a fresh start) or the path of a "
+                                          "checkpoint-N (a run's output directory is refused, naming its checkpoints).",
                                     hf="resume_from_checkpoint")
     allow_topology_change: bool = _f(
         False, "Allow resuming with another world size / per-device batch / accumulation that keeps the examples per "
@@ -288,10 +289,12 @@ class CheckpointConfig(_Tracked):
     allow_changes: list[str] = _f(
         [], "Dotted config keys (or whole sections) a resume may change, e.g. [training.learning_rate, "
             "training.max_steps]; the new values run. Any other changed field refuses the resume.")
-    verify: bool = _f(True, "Check each file of a checkpoint (size, sha256) against its manifest before resuming "
-                            "from it; false resumes as transformers does, unchecked.")
+    verify: bool = _f(True, "Check a checkpoint against its manifest before resuming from it (each file's size and "
+                            "sha256, nothing read unlisted, torch files weights_only-loadable); false checks only "
+                            "that the manifest is valid.")
     on_nonfinite: Literal["skip", "stop", "ignore"] = _f(
-        "skip", "A non-finite loss or gradient: skip the step, or stop; 'ignore' steps on as transformers does.")
+        "skip", "A non-finite loss or gradient: skip the step, or stop; 'ignore' takes every step as transformers "
+                "does, logs such a loss as nan, and ends a run with non-finite weights as divergence.")
     max_consecutive_nonfinite: int = _f(5, "Stop after this many consecutive non-finite steps.")
     save_on_preemption: bool = _f(True, "On SIGTERM/SIGUSR1 (exit 0) or Ctrl-C (exit 130) finish the step, save "
                                         "and stop.")

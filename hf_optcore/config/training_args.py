@@ -178,11 +178,13 @@ class OptCoreArguments:
                 "training.max_steps]; the new values run. Any other changed field refuses the resume.",
     })
     checkpoint_verify: bool = field(default=True, metadata={  # checkpoint.verify
-        "help": "Check each file of a checkpoint (size, sha256) against its manifest before resuming from it; false"
-                " resumes as transformers does, unchecked.",
+        "help": "Check a checkpoint against its manifest before resuming from it (each file's size and sha256, "
+                "nothing read unlisted, torch files weights_only-loadable); false checks only that the manifest is "
+                "valid.",
     })
     checkpoint_on_nonfinite: Literal["skip", "stop", "ignore"] = field(default='skip', metadata={  # checkpoint.on_nonfinite
-        "help": "A non-finite loss or gradient: skip the step, or stop; 'ignore' steps on as transformers does.",
+        "help": "A non-finite loss or gradient: skip the step, or stop; 'ignore' takes every step as transformers "
+                "does, logs such a loss as nan, and ends a run with non-finite weights as divergence.",
     })
     checkpoint_max_consecutive_nonfinite: int = field(default=5, metadata={  # checkpoint.max_consecutive_nonfinite
         "help": "Stop after this many consecutive non-finite steps.",

@@ -257,9 +257,8 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
         if debug:
             raise
         # Not bad input and not a bug: the run diverged. Nothing non-finite was saved as the result.
-        latest = trainer.optcore_checkpointing.manager.latest()
-        print(f"\nerror: training diverged: {exc}; "  # a new line: a progress bar may hold the current one
-              + (f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved"), file=sys.stderr)
+        # A new line first: a progress bar may hold the current one.
+        print(f"\nerror: training diverged: {exc}; {trainer.optcore_checkpointing.divergence_note()}", file=sys.stderr)
         return 3
     except (ConfigError, OptCoreError) as exc:
         if debug:
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)  # e.g. a checkpoint found incompatible only now
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the user would not wait for the step to end
-        latest = trainer.optcore_checkpointing.manager.latest()
+        latest = trainer.optcore_checkpointing.latest()
         print(f"\naborted (second Ctrl-C) at step {trainer.state.global_step} without saving; "
               + (f"the last checkpoint is {latest}" if latest else "no checkpoint was saved"), file=sys.stderr)
         return 130

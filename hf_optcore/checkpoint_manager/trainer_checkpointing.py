@@ -2,11 +2,18 @@
 
 transformers writes ``checkpoint-<step>`` itself (``Trainer._save_checkpoint``: model or adapter,
 optimizer, scheduler, scaler, RNG, trainer state; FSDP/DeepSpeed sharded states, ``save_only_model``,
-``save_on_each_node``), and loads it back itself on resume. This object adds, after transformers'
-save: hf_optcore's components (EMA, sampler position, every rank's collate RNG) under
-``components/``, the resolved ``config.yaml``, then ``manifest.json`` last as the commit point,
-then retention. A plain ``transformers.Trainer`` can resume from such a checkpoint, and
-``OptCoreTrainer`` can resume from a plain transformers checkpoint (its components start fresh).
+``save_on_each_node``), and loads it back itself on resume. :meth:`TrainerCheckpointing.save` wraps that save:
+it makes the directory safe to write (:func:`storage.prepare_resave`), lets transformers write, adds hf_optcore's
+components (EMA, sampler position, every rank's collate RNG) under ``components/`` and the resolved
+``config.yaml`` (:mod:`components`), writes ``manifest.json`` last as the commit point (:mod:`storage`), then
+applies retention (:mod:`retention`). A full disk on the way ends in one :class:`StorageFullError` naming the
+directory, with the partial save removed and every earlier checkpoint intact. A plain ``transformers.Trainer`` can
+resume from such a checkpoint, and ``OptCoreTrainer`` can resume from a plain transformers checkpoint (its
+components start fresh).
+
+The path from ``OptCoreTrainer._save_checkpoint`` to the file system is three layers: the Trainer, this object
+(which reads the Trainer's live model, arguments, state and components whenever it needs them, and keeps no copy
+of them), and :mod:`storage` / :mod:`components`, which write the files.
 
 Exact resume, and why the RNG needs care: Accelerate's dataloader collates one batch ahead, so
 when a checkpoint is written after step k, batch k+1 (the next one to train on) was already
@@ -21,21 +28,28 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hf_optcore.checkpoint_manager import ownership, run_identity, storage
+from hf_optcore.checkpoint_manager import components, ownership, resume, retention, run_identity, storage
 from hf_optcore.checkpoint_manager import rng as _rng
-from hf_optcore.checkpoint_manager.faults import NonFiniteGuard, PreemptionHandler
-from hf_optcore.checkpoint_manager.manager import CheckpointManager, rank_file
+from hf_optcore.checkpoint_manager.faults import (
+    NonFiniteGuard,
+    PreemptionHandler,
+    StorageFullError,
+    storage_full_reason,
+)
+from hf_optcore.checkpoint_manager.topology import Topology, epoch_length_problem
 from hf_optcore.distributed import barrier, rank_and_world
 from hf_optcore.errors import CheckpointError, RunDirError
+from hf_optcore.wrapping import is_peft_model, unwrap_model
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.json"
 
 
 class CollateRNGTracker:
@@ -73,26 +87,32 @@ class CollateRNGTracker:
 class TrainerCheckpointing:
     """Checkpoint behaviour of one ``OptCoreTrainer`` (created by it; one per trainer).
 
+    It reads the trainer's live objects (``args``, ``model``, ``optimizer``, ``state``, ``optcore_state``) when it
+    needs them, and keeps only what is its own: the resume in progress, the run's lineage, the fault handlers.
+
     Args:
         trainer: the ``OptCoreTrainer`` (extensions enabled).
     """
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
+        self.durable = True  # fsync files and directories (off only to measure what fsync costs)
         self.tracker: CollateRNGTracker | None = None
         self.resume_path: Path | None = None
+        self.protected_steps: set[int] = set()  # the checkpoint resumed from is never pruned
         self._resume_state: dict | None = None
         self._rng_done = True
         self._components_done = True
         self._first_pull_done = False
         self._before_save: dict[str, tuple[int, int]] = {}
-        self._manager: CheckpointManager | None = None
         cfg = self.config
         self.guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_consecutive_nonfinite)
         self.preemption = PreemptionHandler()
         self.preempted = False
         self._scheduler_backup: tuple[dict, list[float]] | None = None
         self._lock: run_identity.RunLock | None = None
+        self._lineage: frozenset = frozenset()  # run ids whose checkpoints are this run's (empty: every one)
+        self._run_record: dict | None = None  # run.json of the run that owns output_dir (rank 0 only)
         self._changes: list = []
         self._resume_topology: dict | None = None
         self._optimizer_given = trainer.optimizer is not None
@@ -101,26 +121,49 @@ class TrainerCheckpointing:
     def config(self):
         return self.trainer.optcore_config.checkpoint
 
-    # ---- the manager, refreshed with the trainer's live objects ---------------------------
-
     @property
-    def manager(self) -> CheckpointManager:
-        t, args = self.trainer, self.trainer.args
-        if self._manager is None:
-            self._manager = run_identity.RunCheckpointManager(self.config, args.output_dir, t.model,
-                                                              components=t.optcore_state)
-        m = self._manager
-        m.config, m.output_dir = self.config, Path(args.output_dir)
-        m.model, m.optimizer, m.scheduler = t.model, t.optimizer, t.lr_scheduler
-        m.components = t.optcore_state
-        m.trainer_config = t.optcore_config
-        m.metric_for_best_model, m.greater_is_better = args.metric_for_best_model, args.greater_is_better
-        m.topology = {
-            "world_size": args.world_size,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        }
-        return m
+    def output_dir(self) -> Path:
+        return Path(self.trainer.args.output_dir)
+
+    # ---- the run's checkpoints ------------------------------------------------------------
+
+    def checkpoints(self) -> list[storage.CheckpointInfo]:
+        """This run's complete checkpoints in ``output_dir``, oldest first (another run's are never listed)."""
+        found = storage.list_complete(self.output_dir)
+        if not self._lineage:
+            return found
+        return [c for c in found if c.manifest.get("run_id") in self._lineage]
+
+    def latest(self) -> Path | None:
+        """This run's newest complete checkpoint, or None."""
+        found = self.checkpoints()
+        return found[-1].path if found else None
+
+    def last_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint saved before the first non-finite loss or weights (the latest when there were none)."""
+        bad = self.guard.last_good_step()
+        found = [c for c in self.checkpoints() if bad is None or c.step < bad]
+        return found[-1].path if found else None
+
+    def divergence_note(self) -> str:
+        """Where a diverged run can go back to, for its one error line."""
+        good = self.last_good_checkpoint()
+        if good is not None:
+            return f"the last good checkpoint is {good}"
+        if self.checkpoints():
+            return "every checkpoint saved holds non-finite weights or followed a non-finite loss"
+        return "no checkpoint was saved"
+
+    def prune(self) -> list[Path]:
+        """Delete this run's checkpoints that no retention rule keeps (only the files each manifest lists)."""
+        args = self.trainer.args
+        ranking = retention.Ranking(args.metric_for_best_model, args.greater_is_better)
+        removed = []
+        for c in retention.to_prune(self.checkpoints(), self.config, ranking, self.protected_steps):
+            if not storage.delete(c.path):
+                logger.warning("pruned %s but kept the directory: it holds files hf_optcore did not write", c.path)
+            removed.append(c.path)
+        return removed
 
     # ---- train() ------------------------------------------------------------------------
 
@@ -129,9 +172,10 @@ class TrainerCheckpointing:
 
         With ``checkpoint.own_output_dir`` the run claims ``output_dir`` first (:mod:`ownership`): it refuses
         another run's directory, a directory in use and an unallowed config change before anything is written,
-        then holds the run lock until :meth:`end_train` and records its identity. Otherwise: a checkpoint
-        written by hf_optcore must be intact (``auto`` walks back past corrupt ones, warning); a plain
-        transformers checkpoint (no manifest) is accepted when named explicitly.
+        then holds the run lock until :meth:`end_train` and records its identity. Otherwise (:func:`resume.find`):
+        a checkpoint written by hf_optcore must be intact (``auto`` walks back past corrupt ones, warning); a plain
+        transformers checkpoint (no manifest) is accepted when named explicitly. Either way every objection
+        (config, optimizer, topology) is reported at once, in one error.
         """
         arg = None if resume_from_checkpoint is False else resume_from_checkpoint
         if arg is None:
@@ -139,18 +183,19 @@ class TrainerCheckpointing:
         self._changes = []
         if self.config.own_output_dir:
             path, manifest = self._claim_output_dir(arg)
-            mgr = self.manager
         else:
-            mgr = self.manager
-            path, manifest = self._resolve_resume(arg, mgr)
+            path, manifest = self._find_resume(arg)
+        if rank_and_world()[0] == 0:  # only once the run may start: a refusal changes nothing
+            for leftover in storage.remove_leftovers(self.output_dir):
+                logger.warning("removed %s left by an interrupted checkpoint save", leftover)
         self.resume_path = path
         self._resume_topology = (manifest or {}).get("topology")
         self._resume_state = None
         self._rng_done = self._components_done = True
         if manifest is not None:
-            mgr.check_topology(manifest, path)
-            mgr.protected_steps.add(int(manifest["step"]))
-            self._resume_state = mgr.rank_state(path)
+            self.protected_steps.add(int(manifest["step"]))
+            self._resume_state = components.rank_state(path, rank_and_world()[0],
+                                                        new_rank_ok=self.config.allow_topology_change)
             self._rng_done = self._components_done = False
             logger.info("resuming from %s (step %s)", path, manifest["step"])
         self.tracker = None
@@ -161,32 +206,23 @@ class TrainerCheckpointing:
             self.preemption.install()
         return str(path) if path is not None else None
 
-    def _resolve_resume(self, arg: Any, mgr: CheckpointManager) -> tuple[Path | None, dict | None]:
-        path, manifest = None, None
-        if arg is True or arg == "auto":
-            self._warn_unmanifested(mgr)
-            if mgr.latest() is not None:
-                path, manifest = mgr.resolve("latest", verify=self.config.verify)
-            elif arg is True:
-                raise CheckpointError(f"No valid checkpoint found in output directory {str(mgr.output_dir)!r}: resume "
-                                      f"was requested but no complete checkpoint is there")
-        elif arg:
-            path = Path(arg)
-            if storage.read_manifest(path) is not None or not (path / TRAINER_STATE).is_file():
-                path, manifest = mgr.resolve(path, verify=self.config.verify)
-            else:
-                logger.warning("resuming from %s, a checkpoint not written by hf_optcore: no integrity check, and "
-                               "hf_optcore's components (EMA, sampler position, collate RNG) start fresh", path)
-        return path, manifest
+    def _find_resume(self, arg: Any) -> tuple[Path | None, dict | None]:
+        target = resume.find(arg, self.output_dir, verify=self.config.verify)
+        _, problems, warnings = resume.objections(self.trainer.optcore_config, target,
+                                                  Topology.of_arguments(self.trainer.args), compare_config=False)
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        for line in target.warnings + warnings:
+            logger.warning("%s", line)
+        return target.path, target.manifest
 
     def _claim_output_dir(self, arg: Any) -> tuple[Path | None, dict | None]:
         """Rank 0 claims ``output_dir`` (:func:`ownership.claim`); every rank gets its decision, or its refusal."""
-        args, decision = self.trainer.args, {}
+        decision = {}
         if rank_and_world()[0] == 0:
-            topology = {"world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
-                        "gradient_accumulation_steps": args.gradient_accumulation_steps}
             try:
-                plan, self._lock, record = ownership.claim(self.trainer.optcore_config, arg, topology)
+                plan, self._lock, record = ownership.claim(self.trainer.optcore_config, arg,
+                                                           Topology.of_arguments(self.trainer.args))
             except Exception as exc:
                 run_identity.broadcast({"error": str(exc), "own": isinstance(exc, RunDirError)})
                 raise
@@ -195,22 +231,12 @@ class TrainerCheckpointing:
         decision = run_identity.broadcast(decision)
         if "error" in decision:
             raise (RunDirError if decision["own"] else CheckpointError)(decision["error"])
-        mgr = self.manager
-        mgr.lineage = frozenset(decision["lineage"])
-        mgr.run_record = decision["record"] if rank_and_world()[0] == 0 else None
+        self._lineage = frozenset(decision["lineage"])
+        self._run_record = decision["record"] if rank_and_world()[0] == 0 else None
         self._changes = decision["changes"]
         if decision["path"] is None:
             return None, None
         return Path(decision["path"]), decision["manifest"]  # verified by rank 0
-
-    @staticmethod
-    def _warn_unmanifested(mgr: CheckpointManager) -> None:
-        latest = mgr.latest()
-        newest = latest.name if latest is not None else None
-        for path in storage.list_unmanifested(mgr.output_dir):
-            if newest is None or storage.step_of(path) > storage.step_of(Path(newest)):
-                logger.warning("%s has no manifest (an interrupted save, or not written by hf_optcore): it is never "
-                               "resumed from%s", path, f"; resuming from {newest} instead" if newest else "")
 
     def on_train_begin(self, train_dataloader: Any) -> None:
         """Wrap the prepared train dataloader's collator (the skip-loader of a resume copies it); after a resume
@@ -236,43 +262,105 @@ class TrainerCheckpointing:
 
     # ---- save: around transformers' own _save_checkpoint ---------------------------------
 
-    def checkpoint_dir(self, run_dir: str | Path) -> Path:
-        return Path(run_dir) / f"{storage.PREFIX}{self.trainer.state.global_step}"
+    def save(self, run_dir: str | Path, transformers_save: Callable[[], None]) -> Path:
+        """Save the checkpoint of the current step into ``run_dir``: transformers' files (``transformers_save``,
+        its own ``_save_checkpoint``), then hf_optcore's, the manifest last, then retention.
 
-    def before_save(self, path: Path) -> None:
-        """Re-saving a step that has a manifest: withdraw it first, so that a crash leaves it incomplete, not stale."""
+        Raises:
+            StorageFullError: the disk filled up (or a quota or file-size limit was hit); the partial checkpoint
+                was removed, every earlier one is complete.
+        """
+        step = self.trainer.state.global_step
+        path = Path(run_dir) / f"{storage.PREFIX}{step}"
+        fresh = not os.path.lexists(path)
+        args = self.trainer.args
+        try:
+            self._prepare(path)
+            # Retention (save_total_limit) is applied once the new checkpoint counts, not by transformers'
+            # mtime-based rotation before its manifest exists.
+            limit, args.save_total_limit = args.save_total_limit, None
+            try:
+                transformers_save()
+            finally:
+                args.save_total_limit = limit
+            self._add_and_commit(path)
+        except Exception as exc:
+            reason = storage_full_reason(exc, path)
+            if reason is None:
+                raise
+            self._drop_partial(path, fresh)
+            latest = self.latest()
+            raise StorageFullError(
+                f"{reason} in {str(Path(run_dir))!r} while saving checkpoint-{step}: the partial checkpoint was "
+                f"removed; " + (f"the last complete checkpoint is {str(latest)!r} (resume it with "
+                                f"checkpoint.resume_from=auto once there is space)" if latest else
+                                "no checkpoint of this run was saved")) from exc
+        return path
+
+    def _prepare(self, path: Path) -> None:
+        """Rank 0 makes ``path`` safe to write (:func:`storage.prepare_resave`); every rank snapshots it."""
         if rank_and_world()[0] == 0:
-            if storage.invalidate(path):
-                logger.info("re-saving %s: its previous manifest is withdrawn until the new save completes", path)
-            elif path.is_dir():
-                logger.warning("%s exists without a manifest (an interrupted save, or not written by hf_optcore); "
-                               "files of the same names are overwritten, any other file is kept", path)
+            for i, note in enumerate(storage.prepare_resave(path)):
+                (logger.info if i == 0 and note.startswith("re-saving") else logger.warning)("%s", note)
         self._before_save = storage.snapshot(path)
         barrier()
 
-    def after_save(self, path: Path) -> Path:
+    def _add_and_commit(self, path: Path) -> None:
         """Add hf_optcore's components to transformers' checkpoint at ``path``, then the manifest, then prune."""
         t = self.trainer
         rank, _ = rank_and_world()
-        self.manager._pause_for_tests("after_hf_save")
         pending = self.tracker.pending[0] if self.tracker is not None and self.tracker.pending else None
         rank_state = {"rng": _rng.capture(), **({"pending_collate_rng": pending} if pending is not None else {})}
         path.mkdir(parents=True, exist_ok=True)
-        mgr = self.manager
-        (path / rank_file(rank)).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(rank_state, path / rank_file(rank))
+        components.write_rank_state(path, rank, rank_state)
+        self.guard.observe_saved_weights([p for p in self._trained() if p.requires_grad], t.state.global_step)
         barrier()
         if rank == 0:
-            mgr.write_components(path)
+            components.write_components(path, t.optcore_state, t.optcore_config)
             metrics = {}
             for entry in t.state.log_history:
                 if entry.get("step") == t.state.global_step:
                     metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
             written = storage.written_since(path, self._before_save)
-            mgr.commit(path, t.state.global_step, metrics, written)
-            mgr.prune()
+            for rel in storage.remove_stale(path, written):
+                logger.warning("removed %s from %s: an earlier save left it and this one did not rewrite it", rel, path)
+            storage.commit_in_place(path, t.state.global_step, self._meta(metrics), written, durable=self.durable)
+            if self._run_record is not None:
+                self._run_record["last_checkpoint"] = int(t.state.global_step)
+                run_identity.write_run(self.output_dir, self._run_record)
+            self.prune()
         barrier()
-        return path
+
+    def _meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        t = self.trainer
+        meta = {
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            "config_hash": t.optcore_config.fingerprint(),
+            "topology": Topology.of_arguments(t.args).to_dict(),
+            "components": sorted(t.optcore_state),
+            "model_format": "peft_adapter" if is_peft_model(unwrap_model(t.model)) else "full",
+            "saved_by": "trainer",
+        }
+        if not (t.is_deepspeed_enabled or t.is_fsdp_enabled):
+            # Whether transformers wrote optimizer.pt / scheduler.pt: verification then requires them.
+            meta["save_only_model"] = bool(t.args.save_only_model)
+        if self._run_record is not None:
+            meta["run_id"] = self._run_record["run_id"]
+        return meta
+
+    def _drop_partial(self, path: Path, fresh: bool) -> None:
+        """Remove what a failed save wrote: all of a directory it created, else the files it wrote (a checkpoint
+        without a manifest is never listed anyway; this gives the space back)."""
+        if rank_and_world()[0] != 0 or path.is_symlink():
+            return
+        if fresh:
+            shutil.rmtree(path, ignore_errors=True)  # fd-based: links inside are not followed
+            return
+        for rel in storage.written_since(path, self._before_save):
+            try:
+                (path / rel).unlink()
+            except OSError:
+                pass
 
     # ---- resume -------------------------------------------------------------------------
 
@@ -284,11 +372,11 @@ class TrainerCheckpointing:
         if self._components_done or self.resume_path is None:
             return
         self._components_done = True
-        mgr = self.manager
-        sampler = mgr.components.get("sampler")
+        state = self.trainer.optcore_state
+        sampler = state.get("sampler")
         if sampler is not None and hasattr(sampler, "allow_topology_change"):
             sampler.allow_topology_change = self.config.allow_topology_change  # re-cut by examples consumed
-        mgr.load_components(self.resume_path)
+        components.load_components(self.resume_path, state)
         self._check_epoch_length(sampler)
         if sampler is not None and hasattr(sampler, "state_dict"):
             # The Trainer positions the data itself (index-level skip, nothing is loaded or
@@ -298,13 +386,10 @@ class TrainerCheckpointing:
                 sampler.load_state_dict({**sd, "consumed": 0})
 
     def _check_epoch_length(self, sampler: Any) -> None:
-        from hf_optcore.checkpoint_manager.manager import component_file
-        from hf_optcore.checkpoint_manager.resume_changes import epoch_length_problem
-
-        file = self.resume_path / component_file("sampler")
+        file = self.resume_path / components.component_file("sampler")
         if sampler is None or not self._resume_topology or not file.is_file():
             return
-        saved = torch.load(file, map_location="cpu", weights_only=True)
+        saved = components.safe_load(file)
         problem = epoch_length_problem(self._resume_topology, saved.get("num_batches"), len(sampler),
                                        self.trainer.args.gradient_accumulation_steps, self.resume_path)
         if problem:
@@ -337,7 +422,6 @@ class TrainerCheckpointing:
             self.tracker.active = False
             self.tracker.consumed(n)
 
-
     # ---- faults and cadence (called by CheckpointCallback) --------------------------------
 
     def _trained(self) -> list[torch.Tensor]:
@@ -364,8 +448,11 @@ class TrainerCheckpointing:
             self.guard.check_weights([p for p in self._trained() if p.requires_grad], self.trainer.state.global_step)
 
     def on_step_end(self, control: Any) -> None:
-        """Undo the scheduler step of a skipped step; on a signal save now and stop; save at the end when asked."""
+        """Undo the scheduler step of a skipped step; at the last step of ``on_nonfinite=ignore`` check the model;
+        on a signal save now and stop; save at the end when asked."""
         t = self.trainer
+        if t.state.max_steps and t.state.global_step >= t.state.max_steps:
+            self.guard.check_final([p for p in self._trained() if p.requires_grad], t.state.global_step)
         if self._scheduler_backup is not None:
             state, lrs = self._scheduler_backup
             t.lr_scheduler.load_state_dict(state)
