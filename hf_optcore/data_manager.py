@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from hf_optcore.config import DataConfig
 from hf_optcore.data.collator import PaddingCollator
 from hf_optcore.data.encoding import ExampleEncoder, TokenizedDataset
+from hf_optcore.data.loader_options import dataloader_options
 from hf_optcore.data.loading import check_records, detect_format, read_records
 from hf_optcore.data.packing import PackedDataset
 from hf_optcore.data.samplers import (
@@ -57,7 +58,7 @@ def dataset_lengths(dataset: Any) -> list[int]:
 
 
 def make_batch_sampler(data_config: DataConfig, lengths: list[int], batch_size: int, seed: int,
-                       num_replicas: int = 1, rank: int = 0, max_seq_len: int | None = None):
+                       num_replicas: int = 1, rank: int = 0, max_seq_len: int | None = None, drop_last: bool = False):
     """The batch sampler named by ``data_config.batching`` (see :mod:`hf_optcore.data.samplers`).
 
     Args:
@@ -67,9 +68,10 @@ def make_batch_sampler(data_config: DataConfig, lengths: list[int], batch_size: 
         seed: data-order seed.
         num_replicas, rank: data-parallel world size and this rank (default 1, 0).
         max_seq_len: packed row length for multipack (default ``data_config.max_seq_len``).
+        drop_last: drop the incomplete last batch of every epoch (``dataloader_drop_last``; default False).
     """
     d = data_config
-    common = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
+    common = {"num_replicas": num_replicas, "rank": rank, "seed": seed, "drop_last": drop_last}
     if d.batching == "random":
         return RandomBatchSampler(lengths, batch_size, **common)
     if d.batching == "bucket":
@@ -214,21 +216,8 @@ class DataManager:
             self.data_config, dataset_lengths(dataset),
             batch_size or self.training.per_device_train_batch_size, self.seed,
             num_replicas=world if num_replicas is None else num_replicas, rank=me if rank is None else rank,
-            max_seq_len=self.max_seq_len,
+            max_seq_len=self.max_seq_len, drop_last=bool(getattr(self.hardware, "dataloader_drop_last", False)),
         )
-
-    def _loader_kwargs(self) -> dict[str, Any]:
-        h = self.hardware
-        import torch
-
-        # Pinning without an accelerator only warns; it cannot speed anything up.
-        pin = h.dataloader_pin_memory and torch.cuda.is_available()
-        kw: dict[str, Any] = {"num_workers": h.dataloader_num_workers, "pin_memory": pin}
-        if h.dataloader_num_workers > 0:
-            kw["persistent_workers"] = h.dataloader_persistent_workers
-            if h.dataloader_prefetch_factor is not None:
-                kw["prefetch_factor"] = h.dataloader_prefetch_factor
-        return kw
 
     def create_loaders(self, train_texts: list[Any], val_texts: list[Any] | None = None):
         """Tokenize Python lists and build ``(train_loader, val_loader)`` for a standalone loop.
@@ -239,12 +228,15 @@ class DataManager:
         ``training.per_device_eval_batch_size``. ``val_loader`` is None when ``val_texts`` is empty.
         """
         train = self.build_dataset(list(train_texts), "train_texts", "train")
+        me = rank_and_world()[0]
         sampler = self.build_batch_sampler(train)
         train_ds = PackedDataset(train) if isinstance(sampler, MultipackBatchSampler) else train
-        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=self.collator, **self._loader_kwargs())
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=self.collator,
+                                  **dataloader_options(self.hardware, rank=me))
         val_loader = None
         if val_texts:
             val = self.build_dataset(list(val_texts), "val_texts", "eval")
             batches = BatchSampler(SequentialSampler(val), self.training.per_device_eval_batch_size, drop_last=False)
-            val_loader = DataLoader(val, batch_sampler=batches, collate_fn=self.collator, **self._loader_kwargs())
+            val_loader = DataLoader(val, batch_sampler=batches, collate_fn=self.collator,
+                                    **dataloader_options(self.hardware, training=False))
         return train_loader, val_loader

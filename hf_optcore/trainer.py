@@ -365,7 +365,7 @@ class OptCoreTrainer(Trainer):
 
         def make_sampler(dataset, world, rank):
             return make_batch_sampler(cfg.data, dataset_lengths(dataset), self.args.per_device_train_batch_size,
-                                      seed, num_replicas=world, rank=rank)
+                                      seed, num_replicas=world, rank=rank, drop_last=self.args.dataloader_drop_last)
 
         loader, sampler = build_train_dataloader(self, make_sampler)
         self.optcore_state["sampler"] = sampler

@@ -168,6 +168,10 @@ class HardwareConfig:
     dataloader_pin_memory: bool = _f(True, "Pin host memory for faster host-to-device copies.")
     dataloader_persistent_workers: bool = _f(False, "Keep workers alive between epochs.")
     dataloader_prefetch_factor: Optional[int] = _f(None, "Batches prefetched per worker.")
+    dataloader_multiprocessing_context: Optional[str] = _f(
+        None, "How workers start: fork, spawn or forkserver (default: the platform's).")
+    dataloader_in_order: bool = _f(True, "Deliver batches in order (False: whichever worker is ready first).")
+    dataloader_drop_last: bool = _f(False, "Drop the incomplete last batch of every epoch (of every pass of a stream).")
     ddp_backend: Optional[str] = _f(None, "Process-group backend (nccl, gloo, ...); Accelerate picks when unset.")
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP find_unused_parameters.")
     cpu_allocator: Literal["system", "jemalloc"] = _f(
