@@ -22,7 +22,7 @@ from hf_optcore.config import DataConfig
 from hf_optcore.data.collator import PaddingCollator
 from hf_optcore.data.encoding import ExampleEncoder, TokenizedDataset
 from hf_optcore.data.loader_options import dataloader_options
-from hf_optcore.data.loading import check_records, detect_format, read_records
+from hf_optcore.data.loading import check_records, detect_format, read_records, record_problem
 from hf_optcore.data.packing import PackedDataset
 from hf_optcore.data.samplers import (
     BucketBatchSampler,
@@ -159,13 +159,23 @@ class DataManager:
             kinds = sorted({type(e).__name__ for e in examples})
             raise DataError(f"{source}: examples must all be strings or all dicts, got {', '.join(kinds)}")
         fmt = detect_format(columns, self.data_config.format, self._fields(), source)
+        skipped = 0
+        if self.data_config.on_bad_row == "skip":
+            keep = [i for i, e in enumerate(examples) if record_problem(e, fmt, self._fields()) is None]
+            skipped = len(examples) - len(keep)
+            if skipped:
+                logger.warning("%s: skipped %d bad row(s) (data.on_bad_row=skip)", source, skipped)
+            examples = [examples[i] for i in keep]
+            locations = [locations[i] for i in keep] if locations else [f"example {i}" for i in keep]
         check_records(examples, fmt, self._fields(), source, locations)
         ds = self.encoder.encode_all(examples, fmt, source, locations)
-        self.stats[split] = ds.stats.as_dict() | {"source": source}
+        self.stats[split] = ds.stats.as_dict() | {"source": source, "bad_rows_skipped": skipped}
         return ds
 
-    def load_datasets(self) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    def load_datasets(self) -> tuple[Any, Any]:
         """Read ``data.train_path`` (and ``eval_path``, else hold out ``eval_split_ratio`` of train).
+
+        With ``data.streaming`` nothing is read whole: see :meth:`load_streams`.
 
         Returns:
             ``(train_dataset, eval_dataset_or_None)``; the counts of kept, truncated and dropped
@@ -174,6 +184,8 @@ class DataManager:
         d = self.data_config
         if not d.train_path:
             raise DataError("data.train_path: no training data given (a file path or 'hub:<dataset id>')")
+        if d.streaming:
+            return self.load_streams()
         records = read_records(d.train_path, d.hub_config_name, d.hub_train_split)
         # (row, where it is in its file) pairs, so that every error names the file's own line or row.
         train_rows = list(zip(records, records.locations))
@@ -199,6 +211,44 @@ class DataManager:
         if eval_rows:
             evald = self.build_dataset([r for r, _ in eval_rows], eval_source, "eval", [w for _, w in eval_rows])
         return train, evald
+
+    def load_streams(self) -> tuple[Any, Any]:
+        """``data.train_path`` (and ``eval_path``) as streams, read lazily by the Trainer (``data.streaming``).
+
+        Local files, directories and globs of JSONL/CSV/Parquet/text shards become a
+        :class:`~hf_optcore.data.stream_sources.FileStream`; ``hub:<id>`` a streaming ``datasets.IterableDataset``.
+        Only the first row of each is read here: its columns give the format (checked now, before the model
+        loads). There is no held-out split of a stream: evaluation needs ``data.eval_path``.
+        """
+        from hf_optcore.data.streaming import row_encoder
+
+        d = self.data_config
+        train = self._stream(d.train_path, d.hub_train_split, d.max_train_samples)
+        evald = self._stream(d.eval_path, d.hub_eval_split or d.hub_train_split, None) if d.eval_path else None
+        for split, stream in (("train", train), ("eval", evald)):
+            if stream is not None:
+                fmt = row_encoder(stream, d, self.tokenizer).fmt
+                self.stats[split] = {"source": getattr(stream, "name", str(stream)), "streaming": True, "format": fmt,
+                                     "shards": getattr(stream, "n_shards", None)}
+        if evald is None and d.eval_split_ratio > 0:
+            logger.info("data.streaming: no held-out split of a stream (data.eval_split_ratio is not used); "
+                        "set data.eval_path to evaluate")
+        return train, evald
+
+    def _stream(self, spec: str, hub_split: str, max_rows: int | None) -> Any:
+        from hf_optcore.data.stream_sources import FileStream
+
+        if not spec.startswith("hub:"):
+            return FileStream(spec, max_rows=max_rows)
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(spec[len("hub:"):], name=self.data_config.hub_config_name, split=hub_split,
+                                       streaming=True)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; one clear line for the user
+            raise DataError(f"{spec}: cannot stream split {hub_split!r} from the Hub ({type(exc).__name__}: {exc})") \
+                from None
+        return ds.take(max_rows) if max_rows is not None else ds
 
     # ---- batching -------------------------------------------------------------------------
 

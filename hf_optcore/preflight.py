@@ -131,6 +131,8 @@ def _data_problems(config: Any) -> list[str]:
         if not value or value.startswith("hub:"):
             continue
         # The recipe tries a relative path against the working directory, then the repository.
+        if d.streaming and any(c in value for c in "*?["):
+            continue  # a glob of shards: resolved (and refused when it matches nothing) by the stream
         if not Path(value).expanduser().exists() and not (REPO_ROOT / value).exists():
             problems.append(f"data.{key}: file {value!r} not found")
     if not d.eval_path and d.eval_split_ratio == 0:

@@ -197,7 +197,8 @@ class CheckpointManager:
         if self.components:
             (path / COMPONENTS_DIR).mkdir(parents=True, exist_ok=True)
             for name, comp in self.components.items():
-                torch.save(comp.state_dict(), path / component_file(name))
+                if not getattr(comp, "per_rank", False):  # per-rank ones are in each rank's own file
+                    torch.save(comp.state_dict(), path / component_file(name))
         self._pause_for_tests("after_state")
         if self.trainer_config is not None:
             self.trainer_config.to_yaml(path / "config.yaml")
@@ -376,6 +377,8 @@ class CheckpointManager:
         """Restore every registered component that the checkpoint holds."""
         path = Path(path)
         for name, comp in self.components.items():
+            if getattr(comp, "per_rank", False):
+                continue  # restored from each rank's own file (rank_state()["components"])
             file = path / component_file(name)
             if not file.is_file():
                 logger.warning("checkpoint %s has no state for %r; it starts fresh", path, name)

@@ -259,6 +259,10 @@ class TrainerCheckpointing:
         rank_state = {"rng": _rng.capture(), **({"pending_collate_rng": pending} if pending is not None else {})}
         path.mkdir(parents=True, exist_ok=True)
         mgr = self.manager
+        # Components whose state differs per rank (a stream's position) go into each rank's own file.
+        per_rank = {n: c.state_dict() for n, c in mgr.components.items() if getattr(c, "per_rank", False)}
+        if per_rank:
+            rank_state["components"] = per_rank
         (path / rank_file(rank)).parent.mkdir(parents=True, exist_ok=True)
         torch.save(rank_state, path / rank_file(rank))
         barrier()
@@ -289,6 +293,9 @@ class TrainerCheckpointing:
         if sampler is not None and hasattr(sampler, "allow_topology_change"):
             sampler.allow_topology_change = self.config.allow_topology_change  # re-cut by examples consumed
         mgr.load_components(self.resume_path)
+        for name, state in (self._resume_state or {}).get("components", {}).items():
+            if name in mgr.components:  # per-rank components, from this rank's own file
+                mgr.components[name].load_state_dict(state)
         self._check_epoch_length(sampler)
         if sampler is not None and hasattr(sampler, "state_dict"):
             # The Trainer positions the data itself (index-level skip, nothing is loaded or
@@ -296,6 +303,10 @@ class TrainerCheckpointing:
             sd = sampler.state_dict()
             if isinstance(sd, dict) and "consumed" in sd:
                 sampler.load_state_dict({**sd, "consumed": 0})
+
+    def restore_components(self) -> None:
+        """Load the resumed checkpoint's components now (once): a stream must be positioned before it is iterated."""
+        self._restore_components()
 
     def _check_epoch_length(self, sampler: Any) -> None:
         from hf_optcore.checkpoint_manager.manager import component_file

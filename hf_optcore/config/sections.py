@@ -208,6 +208,15 @@ class DataConfig:
     hub_train_split: str = _f("train", "Split of a 'hub:' train_path to train on.")
     hub_eval_split: Optional[str] = _f(None, "Split of a 'hub:' eval_path (default: hub_train_split's held-out part).")
     bucket_size_multiplier: int = _f(64, "bucket: batches per length-sorted mega-batch (more: less padding, less mixing).")
+    streaming: bool = _f(False, "Read train_path / eval_path lazily (JSONL/CSV/Parquet/text shards: a file, a directory "
+                                "or a glob), tokenize on the fly, never hold the data: for data larger than memory. "
+                                "Needs training.max_steps.")
+    buffer_size: int = _f(1024, "Streamed data: examples in the look-ahead window batches are planned from (per "
+                                "reader: rank x dataloader worker); random shuffles, bucket and token_budget group by "
+                                "length, multipack packs within it. 0: the stream's own order (random only).")
+    on_bad_row: Literal["error", "skip"] = _f(
+        "error", "Streamed data: a row failing the data checks stops the run with an error naming file and line "
+                 "(error), or is skipped and counted (skip; bad_rows_skipped in the logs).")
 
 
 @dataclass
