@@ -45,7 +45,7 @@ class KillAfterSave(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("data")
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--kill-after", type=int, default=None)
     ap.add_argument("--random-collator", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = TrainerConfig.from_dict({
         "output_dir": a.out,

@@ -115,14 +115,16 @@ class FileStream:
     def __repr__(self) -> str:
         return f"FileStream({len(self.files)} shard{'s' if len(self.files) != 1 else ''}: {self.name})"
 
-    def columns(self) -> set[str]:
-        """The columns of the first row (what the format is detected from)."""
+    def columns(self, skip_bad: bool = False) -> set[str]:
+        """The columns of the first row (what the format is detected from); of the first good one with
+        ``skip_bad`` (else a bad first row is the error)."""
         for rec, where, _ in self.rows(Part(tuple(range(self.n_shards))), start=None, shuffle_seed=None):
-            if isinstance(rec, _BadRow):
-                raise DataError(f"{where}: {rec}")
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: is a {type(rec).__name__}, expected an object with named fields")
-            return set(rec)
+            problem = str(rec) if isinstance(rec, _BadRow) else None if isinstance(rec, dict) else (
+                f"is a {type(rec).__name__}, expected an object with named fields")
+            if problem is None:
+                return set(rec)
+            if not skip_bad:
+                raise DataError(f"{where}: {problem}")
         raise DataError(f"{self.name}: the dataset is empty (no examples)")
 
     def shard_order(self, part: Part, pass_: int, seed: int | None) -> list[int]:

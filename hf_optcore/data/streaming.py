@@ -331,9 +331,9 @@ def _fields(d: Any) -> dict[str, str]:
             "response": d.response_field, "messages": d.messages_field}
 
 
-def _first_columns(source: Any) -> set[str]:
+def _first_columns(source: Any, skip_bad: bool) -> set[str]:
     if isinstance(source, FileStream):
-        return source.columns()
+        return source.columns(skip_bad)
     names = getattr(source, "column_names", None)
     if names:
         return set(names)
@@ -346,7 +346,7 @@ def row_encoder(source: Any, data_config: Any, tokenizer: Any) -> RowEncoder:
     """The :class:`RowEncoder` of ``source``: its format detected from its first row's columns (or
     ``data.format``); rows with ``input_ids`` are used as tokenized."""
     d, fields = data_config, _fields(data_config)
-    columns = _first_columns(source)
+    columns = _first_columns(source, d.on_bad_row == "skip")
     name = getattr(source, "name", type(source).__name__)
     if "input_ids" in columns and d.format == "auto":
         return RowEncoder(None, "tokenized", fields, d.on_bad_row, d.max_seq_len)
