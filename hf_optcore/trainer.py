@@ -13,7 +13,8 @@ writes and loads checkpoints (its layout, its FSDP/DeepSpeed paths), runs the ev
 the Hub push. hf_optcore adds to it: registry optimizers, its batching, components and a manifest
 after transformers' save, a token-weighted loss and EMA weights around transformers' evaluation.
 Private transformers names used (each pinned by ``tests/test_private_surface.py``):
-``Trainer._save_checkpoint``, ``Trainer._load_rng_state``, ``Trainer._get_output_dir``.
+``Trainer._save_checkpoint``, ``Trainer._load_rng_state``, ``Trainer._get_output_dir``,
+``Trainer._get_dataloader`` (in :mod:`hf_optcore.data.trainer_loader`).
 """
 
 from __future__ import annotations

@@ -139,7 +139,8 @@ def test_setup_devices_is_the_cached_device_of_training_arguments(monkeypatch):
 
 @pytest.mark.parametrize("name", ["compute_loss", "prediction_step", "evaluation_loop", "evaluate", "train",
                                   "training_step", "get_batch_samples", "create_optimizer", "create_scheduler",
-                                  "get_train_dataloader", "log", "_save_checkpoint", "_load_rng_state"])
+                                  "get_train_dataloader", "get_eval_dataloader", "get_resumed_dataloader", "log",
+                                  "_save_checkpoint", "_load_rng_state"])
 def test_overrides_keep_transformers_signatures(name):
     from hf_optcore.trainer import OptCoreTrainer
 

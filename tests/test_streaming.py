@@ -286,9 +286,9 @@ def test_streaming_needs_max_steps(tmp_path):
 
 
 def test_resume_reads_nothing_that_was_consumed(tmp_path, tiny_tokenizer):
-    from hf_optcore.data.streaming import RowEncoder, StreamDataLoader, TrainStream, _StreamCollate
     from hf_optcore.data.collator import PaddingCollator
     from hf_optcore.data.encoding import ExampleEncoder
+    from hf_optcore.data.streaming import RowEncoder, StreamDataLoader, TrainStream, _StreamCollate
 
     path = _write_jsonl(tmp_path / "train.jsonl", _texts(160))  # 30 batches of 4 stay in the first pass
     fields = {k: k for k in ("text", "instruction", "input", "response", "messages")}
