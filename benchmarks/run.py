@@ -41,6 +41,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "checkpoint": ("bench_checkpoint", "checkpoint save time and time to first resumed step vs transformers.Trainer"),
     "memory": ("bench_memory", "peak memory with LoRA and gradient checkpointing on and off"),
     "model_loading": ("model_loading", "GGUF load vs cached conversion; activation memory with checkpointing"),
+    "streaming": ("bench_streaming", "streamed vs in-memory padding and tokens/s; resume time vs step against "
+                                     "transformers.Trainer's IterableDataset resume; peak RSS vs corpus size"),
 }
 _VERSIONED = ("torch", "transformers", "accelerate", "peft", "datasets", "trl", "hf_optcore")
 

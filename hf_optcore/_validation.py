@@ -169,6 +169,14 @@ def collect_problems(cfg: TrainerConfig, cuda_available: bool | None = None) -> 
         if val is not None:
             need(val >= 1, f"data.{key}: must be >= 1, got {val}")
     need(d.bucket_size_multiplier >= 1, f"data.bucket_size_multiplier: must be >= 1, got {d.bucket_size_multiplier}")
+    need(d.buffer_size >= 0, f"data.buffer_size: must be >= 0, got {d.buffer_size}")
+    if d.streaming:
+        need(t.max_steps > 0, f"data.streaming: a stream has no length, so training.max_steps must say how long to "
+                              f"train (> 0), got {t.max_steps}")
+        need(d.batching != "hf", "data.streaming: data.batching='hf' leaves batching to transformers, which cannot "
+                                 "batch hf_optcore's streams; choose random, bucket, token_budget or multipack")
+        need(d.buffer_size > 0 or d.batching == "random",
+             f"data.buffer_size: 0 (no look-ahead) works only with data.batching='random', got {d.batching!r}")
     if d.batching == "multipack":
         need(m.attn_implementation in ("sdpa", "eager", "flex_attention", "flash_attention_2"),
              f"data.batching: 'multipack' needs an attention that isolates packed sequences (sdpa, eager, "

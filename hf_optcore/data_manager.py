@@ -21,7 +21,8 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from hf_optcore.config import DataConfig
 from hf_optcore.data.collator import PaddingCollator
 from hf_optcore.data.encoding import ExampleEncoder, TokenizedDataset
-from hf_optcore.data.loading import check_records, detect_format, empty_completions, read_records
+from hf_optcore.data.loader_options import dataloader_options
+from hf_optcore.data.loading import check_records, detect_format, empty_completions, read_records, record_problem
 from hf_optcore.data.packing import PackedDataset
 from hf_optcore.data.samplers import (
     BucketBatchSampler,
@@ -57,7 +58,7 @@ def dataset_lengths(dataset: Any) -> list[int]:
 
 
 def make_batch_sampler(data_config: DataConfig, lengths: list[int], batch_size: int, seed: int,
-                       num_replicas: int = 1, rank: int = 0, max_seq_len: int | None = None):
+                       num_replicas: int = 1, rank: int = 0, max_seq_len: int | None = None, drop_last: bool = False):
     """The batch sampler named by ``data_config.batching`` (see :mod:`hf_optcore.data.samplers`).
 
     Args:
@@ -67,9 +68,10 @@ def make_batch_sampler(data_config: DataConfig, lengths: list[int], batch_size: 
         seed: data-order seed.
         num_replicas, rank: data-parallel world size and this rank (default 1, 0).
         max_seq_len: packed row length for multipack (default ``data_config.max_seq_len``).
+        drop_last: drop the incomplete last batch of every epoch (``dataloader_drop_last``; default False).
     """
     d = data_config
-    common = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
+    common = {"num_replicas": num_replicas, "rank": rank, "seed": seed, "drop_last": drop_last}
     if d.batching == "random":
         return RandomBatchSampler(lengths, batch_size, **common)
     if d.batching == "bucket":
@@ -145,14 +147,15 @@ class DataManager:
             split: ``"train"`` or ``"eval"``: the key of this dataset in ``stats``.
             locations: ``locations[i]`` names example ``i`` in ``source`` (default ``example <i>``).
         """
-        examples, fmt = self.check_examples(examples, source, locations, warn=True)
+        examples, fmt, locations, skipped = self.check_examples(examples, source, locations, warn=True)
         ds = self.encoder.encode_all(examples, fmt, source, locations)
-        self.stats[split] = ds.stats.as_dict() | {"source": source}
+        self.stats[split] = ds.stats.as_dict() | {"source": source, "bad_rows_skipped": skipped}
         return ds
 
     def check_examples(self, examples: list[Any], source: str = "<list>", locations: list[str] | None = None,
-                       warn: bool = False) -> tuple[list[dict], str]:
-        """The checks of :meth:`build_dataset` before tokenizing; ``(examples as dicts, their format)``.
+                       warn: bool = False) -> tuple[list[dict], str, list[str] | None, int]:
+        """The checks of :meth:`build_dataset` before tokenizing: ``(examples as dicts, their format, their
+        locations, rows skipped)``; with ``data.on_bad_row: skip`` a bad row is left out and counted instead.
 
         Besides every row's fields, the responses are looked at: when every example's completion (the
         response, the assistant turns, the text) is empty and only completions are trained on, nothing but the end
@@ -171,6 +174,14 @@ class DataManager:
             kinds = sorted({type(e).__name__ for e in examples})
             raise DataError(f"{source}: examples must all be strings or all dicts, got {', '.join(kinds)}")
         fmt = detect_format(columns, self.data_config.format, self._fields(), source)
+        skipped = 0
+        if self.data_config.on_bad_row == "skip":
+            keep = [i for i, e in enumerate(examples) if record_problem(e, fmt, self._fields()) is None]
+            skipped = len(examples) - len(keep)
+            if skipped:
+                logger.warning("%s: skipped %d bad row(s) (data.on_bad_row=skip)", source, skipped)
+            examples = [examples[i] for i in keep]
+            locations = [locations[i] for i in keep] if locations else [f"example {i}" for i in keep]
         check_records(examples, fmt, self._fields(), source, locations)
         empty = empty_completions(examples, fmt, self._fields())
         d = self.data_config
@@ -182,7 +193,7 @@ class DataManager:
         if warn and 2 * empty >= len(examples):
             logger.warning("%s: %s is empty in %d of %d examples; the model learns to answer those with nothing",
                            source, what, empty, len(examples))
-        return examples, fmt
+        return examples, fmt, locations, skipped
 
     def _read_splits(self, local_only: bool = False) -> tuple[list | None, list | None, str | None]:
         """``(train_rows, eval_rows, eval_source)`` as :meth:`load_datasets` uses them: ``(row, location)`` pairs
@@ -217,14 +228,20 @@ class DataManager:
             eval_rows = eval_rows[: d.max_eval_samples]
         return train_rows, eval_rows, eval_source
 
-    def load_datasets(self) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    def load_datasets(self) -> tuple[Any, Any]:
         """Read ``data.train_path`` (and ``eval_path``, else hold out ``eval_split_ratio`` of train).
+
+        With ``data.streaming`` nothing is read whole: see :meth:`load_streams`.
 
         Returns:
             ``(train_dataset, eval_dataset_or_None)``; the counts of kept, truncated and dropped
             examples are logged and kept in ``self.stats``.
         """
         d = self.data_config
+        if d.streaming:
+            if not d.train_path:
+                raise DataError("data.train_path: no training data given (a file path or 'hub:<dataset id>')")
+            return self.load_streams()
         train_rows, eval_rows, eval_source = self._read_splits()
         train = self.build_dataset([r for r, _ in train_rows], d.train_path, "train", [w for _, w in train_rows])
         self._check_batch_size(len(train))
@@ -241,6 +258,8 @@ class DataManager:
             DataError: the first problem, worded as :meth:`load_datasets` words it.
         """
         d = self.data_config
+        if d.streaming:
+            return  # a stream is never read whole: each row is checked as it is read (data.on_bad_row)
         train_rows, eval_rows, eval_source = self._read_splits(local_only=True)
         for rows, source in ((train_rows, d.train_path), (eval_rows, eval_source)):
             if rows is not None:
@@ -253,6 +272,44 @@ class DataManager:
             logger.warning("training.per_device_train_batch_size=%d is more than the %d training examples: every "
                            "batch holds at most %d (each optimizer step sees the whole training set)", batch,
                            n_examples, n_examples)
+
+    def load_streams(self) -> tuple[Any, Any]:
+        """``data.train_path`` (and ``eval_path``) as streams, read lazily by the Trainer (``data.streaming``).
+
+        Local files, directories and globs of JSONL/CSV/Parquet/text shards become a
+        :class:`~hf_optcore.data.stream_sources.FileStream`; ``hub:<id>`` a streaming ``datasets.IterableDataset``.
+        Only the first row of each is read here: its columns give the format (checked now, before the model
+        loads). There is no held-out split of a stream: evaluation needs ``data.eval_path``.
+        """
+        from hf_optcore.data.streaming import row_encoder
+
+        d = self.data_config
+        train = self._stream(d.train_path, d.hub_train_split, d.max_train_samples)
+        evald = self._stream(d.eval_path, d.hub_eval_split or d.hub_train_split, None) if d.eval_path else None
+        for split, stream in (("train", train), ("eval", evald)):
+            if stream is not None:
+                fmt = row_encoder(stream, d, self.tokenizer).fmt
+                self.stats[split] = {"source": getattr(stream, "name", str(stream)), "streaming": True, "format": fmt,
+                                     "shards": getattr(stream, "n_shards", None)}
+        if evald is None and d.eval_split_ratio > 0:
+            logger.info("data.streaming: no held-out split of a stream (data.eval_split_ratio is not used); "
+                        "set data.eval_path to evaluate")
+        return train, evald
+
+    def _stream(self, spec: str, hub_split: str, max_rows: int | None) -> Any:
+        from hf_optcore.data.stream_sources import FileStream
+
+        if not spec.startswith("hub:"):
+            return FileStream(spec, max_rows=max_rows)
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(spec[len("hub:"):], name=self.data_config.hub_config_name, split=hub_split,
+                                       streaming=True)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; one clear line for the user
+            raise DataError(f"{spec}: cannot stream split {hub_split!r} from the Hub ({type(exc).__name__}: {exc})") \
+                from None
+        return ds.take(max_rows) if max_rows is not None else ds
 
     # ---- batching -------------------------------------------------------------------------
 
@@ -270,21 +327,8 @@ class DataManager:
             self.data_config, dataset_lengths(dataset),
             batch_size or self.training.per_device_train_batch_size, self.seed,
             num_replicas=world if num_replicas is None else num_replicas, rank=me if rank is None else rank,
-            max_seq_len=self.max_seq_len,
+            max_seq_len=self.max_seq_len, drop_last=bool(getattr(self.hardware, "dataloader_drop_last", False)),
         )
-
-    def _loader_kwargs(self) -> dict[str, Any]:
-        h = self.hardware
-        import torch
-
-        # Pinning without an accelerator only warns; it cannot speed anything up.
-        pin = h.dataloader_pin_memory and torch.cuda.is_available()
-        kw: dict[str, Any] = {"num_workers": h.dataloader_num_workers, "pin_memory": pin}
-        if h.dataloader_num_workers > 0:
-            kw["persistent_workers"] = h.dataloader_persistent_workers
-            if h.dataloader_prefetch_factor is not None:
-                kw["prefetch_factor"] = h.dataloader_prefetch_factor
-        return kw
 
     def create_loaders(self, train_texts: list[Any], val_texts: list[Any] | None = None):
         """Tokenize Python lists and build ``(train_loader, val_loader)`` for a standalone loop.
@@ -295,12 +339,15 @@ class DataManager:
         ``training.per_device_eval_batch_size``. ``val_loader`` is None when ``val_texts`` is empty.
         """
         train = self.build_dataset(list(train_texts), "train_texts", "train")
+        me = rank_and_world()[0]
         sampler = self.build_batch_sampler(train)
         train_ds = PackedDataset(train) if isinstance(sampler, MultipackBatchSampler) else train
-        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=self.collator, **self._loader_kwargs())
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=self.collator,
+                                  **dataloader_options(self.hardware, rank=me))
         val_loader = None
         if val_texts:
             val = self.build_dataset(list(val_texts), "val_texts", "eval")
             batches = BatchSampler(SequentialSampler(val), self.training.per_device_eval_batch_size, drop_last=False)
-            val_loader = DataLoader(val, batch_sampler=batches, collate_fn=self.collator, **self._loader_kwargs())
+            val_loader = DataLoader(val, batch_sampler=batches, collate_fn=self.collator,
+                                    **dataloader_options(self.hardware, training=False))
         return train_loader, val_loader

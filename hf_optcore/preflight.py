@@ -142,10 +142,12 @@ def _data_problems(config: Any) -> list[str]:
         if not value or value.startswith("hub:"):
             continue
         # The recipe tries a relative path against the working directory, then the repository.
+        if d.streaming and any(c in value for c in "*?["):
+            continue  # a glob of shards: resolved (and refused when it matches nothing) by the stream
         path = Path(value).expanduser()
         if not path.exists() and (REPO_ROOT / value).exists():
             path = REPO_ROOT / value
-        what = not_a_file(path)
+        what = None if d.streaming and path.is_dir() else not_a_file(path)  # a stream reads a folder of shards
         if not path.exists():
             problems.append(f"data.{key}: file {value!r} not found")
         elif what is not None:

@@ -10,12 +10,13 @@ from a :class:`~hf_optcore.config.TrainerConfig` given as ``args``, or merged fr
 ``optcore_config=``. ``trainer.args`` then holds every hyperparameter that runs; ``trainer.optcore_config`` is its
 nested view.
 
-transformers' own code does the work wherever it can: it builds optimizers and schedulers it knows, writes and
-loads checkpoints (its layout, its FSDP/DeepSpeed paths), runs the evaluation loop and the Hub push. hf_optcore adds
-to it: registry optimizers, its batching, components and a manifest after transformers' save, a token-weighted
-loss and EMA weights around transformers' evaluation. Private transformers names used (each pinned by
-``tests/test_private_surface.py``): ``Trainer._save_checkpoint``, ``Trainer._load_rng_state``,
-``Trainer._get_output_dir``.
+transformers' own code does the work wherever it can: it builds optimizers and schedulers it knows,
+writes and loads checkpoints (its layout, its FSDP/DeepSpeed paths), runs the evaluation loop and
+the Hub push. hf_optcore adds to it: registry optimizers, its batching, components and a manifest
+after transformers' save, a token-weighted loss and EMA weights around transformers' evaluation.
+Private transformers names used (each pinned by ``tests/test_private_surface.py``):
+``Trainer._save_checkpoint``, ``Trainer._load_rng_state``, ``Trainer._get_output_dir``,
+``Trainer._get_dataloader`` (in :mod:`hf_optcore.data.trainer_loader`).
 """
 
 from __future__ import annotations
@@ -468,6 +469,10 @@ class OptCoreMixin:
     # ---- data: samplers, collation, throughput -----------------------------------------------
 
     def get_train_dataloader(self):
+        from hf_optcore.data.streaming import build_stream_loader, is_stream
+
+        if self._optcore_on and self.optcore_config.data.batching != "hf" and is_stream(self.train_dataset):
+            return build_stream_loader(self)  # read, checked, tokenized and batched on the fly; resumed by position
         if (not self._optcore_on or self.optcore_config.data.batching == "hf" or self.train_dataset is None
                 or not hasattr(self.train_dataset, "__len__")):
             return super().get_train_dataloader()
@@ -480,12 +485,29 @@ class OptCoreMixin:
 
         def make_sampler(dataset, world, rank):
             return make_batch_sampler(cfg.data, dataset_lengths(dataset), self.args.per_device_train_batch_size,
-                                      seed, num_replicas=world, rank=rank)
+                                      seed, num_replicas=world, rank=rank, drop_last=self.args.dataloader_drop_last)
 
         loader, sampler = build_train_dataloader(self, make_sampler)
         self.optcore_state["sampler"] = sampler
         self.optcore_data_meter.sampler = sampler
         return loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        from hf_optcore.data.streaming import eval_stream, is_stream
+
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if self._optcore_on and not isinstance(dataset, str) and is_stream(dataset):
+            # A streamed eval set, checked and tokenized on the fly; transformers batches and evaluates it.
+            return super().get_eval_dataloader(eval_stream(self, dataset))
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        stream = self.optcore_state.get("stream") if self._optcore_on else None
+        if stream is None or stream.loader is not dataloader:
+            return super().get_resumed_dataloader(dataloader, num_batches)
+        # A stream is positioned by the checkpoint's stream state (nothing consumed is read again), not skipped.
+        self.optcore_checkpointing.restore_components()
+        return dataloader if stream.loaded else super().get_resumed_dataloader(dataloader, num_batches)
 
     def _observe_batch(self, inputs) -> None:
         from hf_optcore.data.collator import count_real_tokens
@@ -499,6 +521,9 @@ class OptCoreMixin:
             # Training logs carry padding fraction and real tokens/s since the previous log, over all ranks.
             logs.update(self.optcore_data_meter.pop_metrics(reduce=self._optcore_sum_over_ranks))
             self.optcore_checkpointing.guard.honest_loss(logs)  # on_nonfinite=ignore: a NaN loss logs nan, not 0
+            stream = self.optcore_state.get("stream")
+            if stream is not None and self.optcore_config.data.on_bad_row == "skip":
+                logs["bad_rows_skipped"] = self._optcore_sum_over_ranks([stream.bad_rows_skipped()])[0]
         super().log(logs, start_time)
 
     def _optcore_sum_over_ranks(self, counts: list[int]) -> list[int]:

@@ -129,6 +129,6 @@ def test_overridden_trainer_hooks_match_installed_transformers():
         "self", "model", "inputs", "num_items_in_batch"]
     from accelerate.data_loader import BatchSamplerShard
 
-    # build_train_dataloader turns Accelerate's re-sharding wrapper into a passthrough through these.
+    # transformers (Trainer._get_dataloader) turns this re-sharding wrapper into a passthrough for our batch sampler.
     params = inspect.signature(BatchSamplerShard.__init__).parameters
     assert {"batch_sampler", "num_processes", "process_index"} <= set(params)

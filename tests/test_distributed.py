@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_optcore.distributed import (
     DistributedSetupError,
@@ -176,6 +177,13 @@ def runs(tmp_path_factory):
     # Streamed data: Accelerate hands rank r the r-th slice of each 2B-example global batch.
     r["one_stream"] = _run(root / "one_stream", 1, "--batch", "4", "--iterable")
     r["two_stream"] = _run(root / "two_stream", 2, "--batch", "2", "--iterable")
+    # hf_optcore's stream of a JSONL file: each rank reads every other row (one shard, two ranks), batch 8 vs 2 x 4;
+    # the 2-process run checkpoints every 3 steps and is resumed from step 3 (every rank's own stream position).
+    r["one_file_stream"] = _run(root / "one_file_stream", 1, "--batch", "8", "--stream")
+    r["two_file_stream"] = _run(root / "two_file_stream", 2, "--batch", "4", "--stream", "--save-every", "3")
+    shutil.copytree(root / "two_file_stream" / "checkpoint-3", root / "resumed_stream" / "checkpoint-3")
+    r["resumed_stream"] = _run(root / "resumed_stream", 2, "--batch", "4", "--stream", "--save-every", "3",
+                               "--resume", str(root / "resumed_stream" / "checkpoint-3"))
     # Map-style data: hf_optcore's rank-aware batch sampler, EMA on, checkpoints every 3 steps.
     r["one"] = _run(root / "one", 1, "--batch", "4")
     r["two"] = _run(root / "two", 2, "--batch", "2", "--save-every", "3", "--ema")
@@ -206,6 +214,38 @@ def test_two_process_losses_equal_one_process_with_double_batch_streamed(runs):
     _assert_losses_close(runs["one_stream"], runs["two_stream"])
     # DDP keeps replicas identical: every rank ends with the same weights, equal to the 1-process run's.
     assert len({r["model"] for r in runs["two_stream"]["ranks"]}) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_stream_equals_one_process_with_double_batch(runs):
+    # Each rank read and trained on its own rows (every other one); together they are the 1-process batches.
+    _assert_losses_close(runs["one_file_stream"], runs["two_file_stream"])
+    assert len({r["model"] for r in runs["two_file_stream"]["ranks"]}) == 1
+    assert [r["observed_real_tokens"] for r in runs["two_file_stream"]["ranks"]] == [6 * 4 * 16] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_stream_resumes_each_rank_where_it_was(runs):
+    root = runs["root"] / "two_file_stream" / "checkpoint-3" / "components"
+    states = [torch.load(root / f"rng_rank{r}.pt", weights_only=True)["components"]["stream"] for r in (0, 1)]
+    readers = [_stream_readers(s["loader"]) for s in states]
+    # Each rank's file holds its own reader: after 3 steps of 4 rows each, rank 0 has just read global row 22 and
+    # rank 1 row 23 (rank r reads rows r, r + 2, ...; `row` counts the rows it went through).
+    assert [[(x["rank"], x["position"]["row"]) for x in r] for r in readers] == [[(0, 23)], [(1, 24)]]
+    two, resumed = runs["two_file_stream"], runs["resumed_stream"]
+    for step in ("4", "5", "6"):
+        assert resumed["losses"][step] == two["losses"][step], step
+    assert [r["model"] for r in resumed["ranks"]] == [r["model"] for r in two["ranks"]]
+
+
+def _stream_readers(node) -> list:
+    if isinstance(node, dict):
+        if "hf_optcore_stream" in node:
+            return [node["hf_optcore_stream"]]
+        return [r for v in node.values() for r in _stream_readers(v)]
+    return []
 
 
 @pytest.mark.slow

@@ -22,6 +22,8 @@ ALLOWED = {
     "_load_rng_state": "the RNG of a resumed run is restored before the first batch is collated, not after",
     "_get_output_dir": "where transformers puts checkpoint-<step> (hyperparameter-search trials included)",
     "_setup_devices": "re-resolving the device after a GPU-less multi-process launch is switched to use_cpu",
+    "_get_dataloader": "transformers builds the train dataloader around hf_optcore's batch sampler (no public hook "
+                       "takes a batch sampler)",
 }
 
 
@@ -98,6 +100,21 @@ def test_load_rng_state_is_the_hook_that_restores_the_rng():
         "OptCoreTrainer._load_rng_state would never run and a resumed run's RNG would not be restored")
 
 
+def test_get_dataloader_takes_a_batch_rebalance_sampler_as_batch_sampler():
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    sig = inspect.signature(Trainer._get_dataloader)
+    assert list(sig.parameters) == ["self", "dataset", "description", "batch_size", "sampler_fn", "is_training",
+                                    "dataloader_key"], (
+        f"transformers {transformers.__version__} changed Trainer._get_dataloader{sig}; "
+        "hf_optcore.data.trainer_loader.build_train_dataloader calls it")
+    source = inspect.getsource(Trainer._get_dataloader)
+    assert "isinstance(sampler, BatchRebalanceSampler)" in source and '"batch_sampler"' in source, (
+        f"transformers {transformers.__version__}: Trainer._get_dataloader no longer passes a BatchRebalanceSampler "
+        "as batch_sampler; hf_optcore's RankAwareBatchSampler would be wrapped as a per-example sampler")
+    assert issubclass(BatchRebalanceSampler, torch.utils.data.Sampler)
+
+
 def test_setup_devices_is_the_cached_device_of_training_arguments(monkeypatch):
     from hf_optcore.distributed import prepare_process_group
 
@@ -122,7 +139,8 @@ def test_setup_devices_is_the_cached_device_of_training_arguments(monkeypatch):
 
 @pytest.mark.parametrize("name", ["compute_loss", "prediction_step", "evaluation_loop", "evaluate", "train",
                                   "training_step", "get_batch_samples", "create_optimizer", "create_scheduler",
-                                  "get_train_dataloader", "log", "_save_checkpoint", "_load_rng_state"])
+                                  "get_train_dataloader", "get_eval_dataloader", "get_resumed_dataloader", "log",
+                                  "_save_checkpoint", "_load_rng_state"])
 def test_overrides_keep_transformers_signatures(name):
     from hf_optcore.trainer import OptCoreTrainer
 

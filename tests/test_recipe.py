@@ -48,6 +48,20 @@ def test_main_on_tiny_model_and_bundled_data(tmp_path, capsys, recwarn):
     assert metrics["train"]["train_peak_memory_bytes"] > 0 and metrics["train"]["train_real_tokens"] > 0
 
 
+def test_the_recipe_streams_the_jargon_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith(("training.max_steps", "data.max_train_samples"))]
+    assert main([f"output_dir={out}", *tiny, "training.max_steps=12", "data.streaming=true", "data.buffer_size=64",
+                 "--no-samples"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["train"]["streaming"] is True and metrics["data"]["train"]["format"] == "instruction"
+    before, after = metrics["eval_before"], metrics["eval_after"]
+    assert before["eval_label_tokens"] == after["eval_label_tokens"] > 0  # the same 24 streamed eval rows, twice
+    assert after["eval_loss"] < before["eval_loss"] - 0.3, (before, after)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all(0 <= h["padding_fraction"] < 0.5 for h in history if "padding_fraction" in h)
+
+
 def test_missing_config_file_exits_2_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--config", str(tmp_path / "missing.yaml"), f"output_dir={out}"]) == 2

@@ -54,7 +54,8 @@ def write_components(path: Path, components: dict[str, Any], trainer_config: Any
     if components:
         (path / COMPONENTS_DIR).mkdir(parents=True, exist_ok=True)
         for name, comp in components.items():
-            torch.save(comp.state_dict(), path / component_file(name))
+            if not getattr(comp, "per_rank", False):  # per-rank ones are in each rank's own file
+                torch.save(comp.state_dict(), path / component_file(name))
     if trainer_config is not None:
         trainer_config.to_yaml(path / CONFIG_FILE)
 
@@ -70,6 +71,8 @@ def load_components(path: Path, components: dict[str, Any]) -> None:
     """Restore every component that checkpoint ``path`` holds; one it lacks starts fresh (warned)."""
     path = Path(path)
     for name, comp in components.items():
+        if getattr(comp, "per_rank", False):
+            continue  # restored from each rank's own file (rank_state()["components"])
         file = path / component_file(name)
         if not file.is_file():
             logger.warning("checkpoint %s has no state for %r; it starts fresh", path, name)

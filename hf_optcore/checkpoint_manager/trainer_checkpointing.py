@@ -312,6 +312,10 @@ class TrainerCheckpointing:
         pending = self.tracker.pending[0] if self.tracker is not None and self.tracker.pending else None
         rank_state = {"rng": _rng.capture(), **({"pending_collate_rng": pending} if pending is not None else {})}
         path.mkdir(parents=True, exist_ok=True)
+        # Components whose state differs per rank (a stream's position) go into each rank's own file.
+        per_rank = {n: c.state_dict() for n, c in t.optcore_state.items() if getattr(c, "per_rank", False)}
+        if per_rank:
+            rank_state["components"] = per_rank
         components.write_rank_state(path, rank, rank_state)
         self.guard.observe_saved_weights([p for p in self._trained() if p.requires_grad], t.state.global_step)
         barrier()
@@ -337,7 +341,9 @@ class TrainerCheckpointing:
             "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
             "config_hash": t.optcore_config.fingerprint(),
             "topology": Topology.of_arguments(t.args).to_dict(),
-            "components": sorted(t.optcore_state),
+            # Shared components have a file of their own (verified); per-rank ones live in each rank's rng file.
+            "components": sorted(n for n, c in t.optcore_state.items() if not getattr(c, "per_rank", False)),
+            "rank_components": sorted(n for n, c in t.optcore_state.items() if getattr(c, "per_rank", False)),
             "model_format": "peft_adapter" if is_peft_model(unwrap_model(t.model)) else "full",
             "saved_by": "trainer",
         }
@@ -377,6 +383,9 @@ class TrainerCheckpointing:
         if sampler is not None and hasattr(sampler, "allow_topology_change"):
             sampler.allow_topology_change = self.config.allow_topology_change  # re-cut by examples consumed
         components.load_components(self.resume_path, state)
+        for name, saved in (self._resume_state or {}).get("components", {}).items():
+            if name in state:  # per-rank components, from this rank's own file
+                state[name].load_state_dict(saved)
         self._check_epoch_length(sampler)
         if sampler is not None and hasattr(sampler, "state_dict"):
             # The Trainer positions the data itself (index-level skip, nothing is loaded or
@@ -384,6 +393,10 @@ class TrainerCheckpointing:
             sd = sampler.state_dict()
             if isinstance(sd, dict) and "consumed" in sd:
                 sampler.load_state_dict({**sd, "consumed": 0})
+
+    def restore_components(self) -> None:
+        """Load the resumed checkpoint's components now (once): a stream must be positioned before it is iterated."""
+        self._restore_components()
 
     def _check_epoch_length(self, sampler: Any) -> None:
         file = self.resume_path / components.component_file("sampler")

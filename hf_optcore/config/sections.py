@@ -222,6 +222,10 @@ class HardwareConfig(_Tracked):
     dataloader_pin_memory: bool = _f(True, "Pin host memory for faster host-to-device copies.")
     dataloader_persistent_workers: bool = _f(False, "Keep workers alive between epochs.")
     dataloader_prefetch_factor: Optional[int] = _f(None, "Batches prefetched per worker.")
+    dataloader_multiprocessing_context: Optional[str] = _f(
+        None, "How workers start: fork, spawn or forkserver (default: the platform's).")
+    dataloader_in_order: bool = _f(True, "Deliver batches in order (False: whichever worker is ready first).")
+    dataloader_drop_last: bool = _f(False, "Drop the incomplete last batch of every epoch (of every pass of a stream).")
     ddp_backend: Optional[str] = _f(None, "Process-group backend (nccl, gloo, ...); Accelerate picks when unset.")
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP find_unused_parameters.")
     cpu_allocator: Literal["system", "jemalloc"] = _f(
@@ -259,6 +263,15 @@ class DataConfig(_Tracked):
     hub_train_split: str = _f("train", "Split of a 'hub:' train_path to train on.", recipe=True)
     hub_eval_split: Optional[str] = _f(None, "Split of a 'hub:' eval_path (default: hub_train_split's held-out part).", recipe=True)
     bucket_size_multiplier: int = _f(64, "bucket: batches per length-sorted mega-batch (more: less padding, less mixing).")
+    streaming: bool = _f(False, "Read train_path / eval_path lazily (JSONL/CSV/Parquet/text shards: a file, a directory "
+                                "or a glob), tokenize on the fly, never hold the data: for data larger than memory. "
+                                "Needs training.max_steps.")
+    buffer_size: int = _f(1024, "Streamed data: examples in the look-ahead window batches are planned from (per "
+                                "reader: rank x dataloader worker); random shuffles, bucket and token_budget group by "
+                                "length, multipack packs within it. 0: the stream's own order (random only).")
+    on_bad_row: Literal["error", "skip"] = _f(
+        "error", "Streamed data: a row failing the data checks stops the run with an error naming file and line "
+                 "(error), or is skipped and counted (skip; bad_rows_skipped in the logs).")
 
 
 @tracked

@@ -149,6 +149,19 @@ class OptCoreArguments:
     data_bucket_size_multiplier: int = field(default=64, metadata={  # data.bucket_size_multiplier
         "help": "bucket: batches per length-sorted mega-batch (more: less padding, less mixing).",
     })
+    data_streaming: bool = field(default=False, metadata={  # data.streaming
+        "help": "Read train_path / eval_path lazily (JSONL/CSV/Parquet/text shards: a file, a directory or a glob),"
+                " tokenize on the fly, never hold the data: for data larger than memory. Needs training.max_steps.",
+    })
+    data_buffer_size: int = field(default=1024, metadata={  # data.buffer_size
+        "help": "Streamed data: examples in the look-ahead window batches are planned from (per reader: rank x "
+                "dataloader worker); random shuffles, bucket and token_budget group by length, multipack packs "
+                "within it. 0: the stream's own order (random only).",
+    })
+    data_on_bad_row: Literal["error", "skip"] = field(default='error', metadata={  # data.on_bad_row
+        "help": "Streamed data: a row failing the data checks stops the run with an error naming file and line "
+                "(error), or is skipped and counted (skip; bad_rows_skipped in the logs).",
+    })
     # ---- checkpoint (checkpoint_) ----
     checkpoint_save_at_end: bool = field(default=True, metadata={  # checkpoint.save_at_end
         "help": "With every_n_steps=0, still save one checkpoint at the last step.",

@@ -1,17 +1,22 @@
-"""The train dataloader of ``OptCoreTrainer``: hf_optcore's batch sampler under Accelerate.
+"""The train dataloader of ``OptCoreTrainer``: hf_optcore's batch sampler inside transformers' own dataloader.
 
-Accelerate's ``prepare`` wraps a multi-process dataloader's batch sampler in a
-``BatchSamplerShard`` that deals batches round-robin to ranks. Our samplers already give each
-rank its own share, so the wrapper is turned into a passthrough (``num_processes=1``), the same
-way transformers does for its own rank-aware ``BatchRebalanceSampler``.
+transformers builds the DataLoader (``Trainer._get_dataloader``: every ``dataloader_*`` option, including
+``multiprocessing_context``, ``in_order``, ``persistent_workers`` and ``prefetch_factor``, the removal of
+unused columns, worker seeding) and has Accelerate prepare it; hf_optcore only hands it the batch sampler,
+the dataset view (packed rows for ``multipack``) and the collator. Nothing of transformers' construction is
+copied, so an option transformers adds is honoured without a change here.
+
+transformers has no public hook that takes a batch sampler: ``_get_dataloader`` passes a sampler as
+``batch_sampler`` only when it is its own rank-aware ``BatchRebalanceSampler`` (and then also makes
+Accelerate's re-sharding ``BatchSamplerShard`` a passthrough, since such a sampler already gives each rank its
+share). :class:`RankAwareBatchSampler` presents hf_optcore's samplers as one.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
-from torch.utils.data import DataLoader
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from hf_optcore.data.collator import PaddingCollator
 from hf_optcore.data.packing import PackedDataset
@@ -19,7 +24,8 @@ from hf_optcore.data.samplers import MultipackBatchSampler
 from hf_optcore.errors import DataError
 from hf_optcore.wrapping import base_model
 
-__all__ = ["PACKING_ATTENTION", "build_train_dataloader", "check_packing_support"]
+__all__ = ["PACKING_ATTENTION", "RankAwareBatchSampler", "build_train_dataloader", "check_packing_support",
+           "require_padding_collator"]
 
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 """Attention implementations whose masks isolate packed sequences given restarting position ids."""
@@ -44,56 +50,76 @@ def check_packing_support(model: Any) -> None:
         )
 
 
-def build_train_dataloader(trainer: Any, make_sampler):
-    """Build, prepare and return ``(dataloader, batch_sampler)`` for ``trainer.train_dataset``.
+def require_padding_collator(collator: Any) -> None:
+    """Packed rows need hf_optcore's :class:`PaddingCollator` (it emits their position ids)."""
+    base = _unwrap(collator)
+    if not isinstance(base, PaddingCollator):
+        raise DataError(
+            f"data.batching='multipack' needs hf_optcore's PaddingCollator (it emits position_ids), "
+            f"got data_collator={type(base).__name__}"
+        )
+
+
+class RankAwareBatchSampler(BatchRebalanceSampler):
+    """One of hf_optcore's batch samplers, as the type transformers' dataloader takes as ``batch_sampler``.
+
+    It iterates, measures and re-epochs the wrapped sampler; ``BatchRebalanceSampler``'s own plan is never
+    built (its ``__init__`` is not called: only its type is what ``Trainer._get_dataloader`` recognises).
 
     Args:
-        trainer: an ``OptCoreTrainer`` (uses its args, accelerator, model and data collator).
+        sampler: a rank-aware batch sampler of :mod:`hf_optcore.data.samplers`.
+    """
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+        self.drop_last = bool(getattr(sampler, "drop_last", False))
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def build_train_dataloader(trainer: Any, make_sampler):
+    """Build, through transformers' own dataloader construction, ``(dataloader, batch_sampler)`` for
+    ``trainer.train_dataset``.
+
+    Args:
+        trainer: an ``OptCoreTrainer`` (uses its args, model and data collator).
         make_sampler: ``callable(dataset, num_replicas, rank) -> batch sampler``.
     """
-    from transformers.trainer_utils import seed_worker
-
     args = trainer.args
     dataset = trainer.train_dataset
     world = max(1, args.world_size)
     rank = args.process_index if world > 1 else 0
     sampler = make_sampler(dataset, world, rank)
-    collator = trainer.data_collator
     if isinstance(sampler, MultipackBatchSampler):
-        base = _unwrap(collator)
-        if not isinstance(base, PaddingCollator):
-            raise DataError(
-                f"data.batching='multipack' needs hf_optcore's PaddingCollator (it emits position_ids), "
-                f"got data_collator={type(base).__name__}"
-            )
+        require_padding_collator(trainer.data_collator)
         check_packing_support(trainer.model)
         dataset = PackedDataset(dataset)
-    kwargs: dict[str, Any] = {
-        "batch_sampler": sampler,
-        "collate_fn": collator,
-        "num_workers": args.dataloader_num_workers,
-        "pin_memory": args.dataloader_pin_memory,
-        "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
-    }
-    if args.dataloader_num_workers > 0:
-        kwargs["persistent_workers"] = args.dataloader_persistent_workers
-        if args.dataloader_prefetch_factor is not None:
-            kwargs["prefetch_factor"] = args.dataloader_prefetch_factor
-    loader = trainer.accelerator.prepare(DataLoader(dataset, **kwargs))
-    shard = getattr(loader, "batch_sampler", None)
-    if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
-        shard.num_processes = 1
-        shard.process_index = 0
+    # get_train_dataloader's own call, with the packed view of the dataset and our batch sampler (the batch size
+    # is the sampler's: transformers drops it for a batch sampler).
+    loader = trainer._get_dataloader(dataset=dataset, description="Training", batch_size=args.train_batch_size,
+                                     sampler_fn=lambda _dataset: RankAwareBatchSampler(sampler), is_training=True)
     # The training loop, not the prefetching dataloader, knows what was consumed (see callbacks).
     sampler.external_progress = True
     return loader, sampler
 
 
 def _unwrap(collator: Any) -> Any:
-    """The collator inside wrappers that keep it as ``.collate`` (e.g. the checkpoint RNG tracker)."""
-    seen = 0
-    while hasattr(collator, "collate") and not isinstance(collator, PaddingCollator) and seen < 8:
-        collator, seen = collator.collate, seen + 1
+    """The collator inside wrappers that keep it as ``.collate`` (the checkpoint RNG tracker) or
+    ``.data_collator`` (transformers' unused-column remover)."""
+    for _ in range(8):
+        if isinstance(collator, PaddingCollator):
+            break
+        inner = getattr(collator, "collate", None) or getattr(collator, "data_collator", None)
+        if inner is None:
+            break
+        collator = inner
     return collator
 
 

@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--use-cpu", action="store_true", help="set hardware.use_cpu (else rely on auto-detection)")
     ap.add_argument("--ema", action="store_true")
     ap.add_argument("--iterable", action="store_true", help="stream the data (Accelerate shards it)")
+    ap.add_argument("--stream", action="store_true",
+                    help="the same examples as a JSONL file streamed by hf_optcore (data.streaming; each rank reads "
+                         "every other row, in order)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (as if killed) after this many steps")
     a = ap.parse_args(argv)
 
@@ -93,7 +96,17 @@ def main(argv=None) -> int:
         "ema": {"enabled": a.ema, "decay": 0.9},
     })
     model = build_tiny_model("llama", seed=0)
-    trainer = OptCoreTrainer(model=model, args=cfg, train_dataset=StreamedTokens() if a.iterable else FixedLengthTokens(), data_collator=collate)
+    dataset, collator = StreamedTokens() if a.iterable else FixedLengthTokens(), collate
+    if a.stream:
+        from hf_optcore.data.collator import PaddingCollator
+        from hf_optcore.data.stream_sources import FileStream
+
+        path = Path(a.out, "stream.jsonl")
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in FixedLengthTokens().ids))
+        cfg.data.streaming, cfg.data.buffer_size = True, 0  # the stream's own order: ranks interleave its rows
+        dataset, collator = FileStream(str(path)), PaddingCollator(0)
+    trainer = OptCoreTrainer(model=model, args=cfg, train_dataset=dataset, data_collator=collator)
     if a.stop_after is not None:
         from transformers import TrainerCallback
 

@@ -7,7 +7,8 @@ They share one contract:
 * the batches of an epoch are a pure function of ``(seed, epoch)`` and the *global* batch (a
   private :class:`torch.Generator`, never the global RNG), so every rank computes the same plan;
 * every rank gets disjoint batches and the *same number* of them, and together the ranks cover
-  every example exactly once per epoch;
+  every example exactly once per epoch (with ``drop_last``, transformers' ``dataloader_drop_last``: all
+  but those of the incomplete last batch);
 * the number of steps per epoch does not depend on the epoch, so ``__len__`` is stable and
   the Trainer's step count is right;
 * ``state_dict()`` / ``load_state_dict()`` round-trip ``{"epoch", "consumed"}``: the next

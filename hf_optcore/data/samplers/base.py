@@ -28,11 +28,14 @@ class _ResumableBatchSampler(Sampler):
         num_replicas: number of data-parallel ranks (default 1).
         rank: this rank, in ``[0, num_replicas)`` (default 0).
         seed: base seed of the data order (default 0).
+        drop_last: drop the epoch's incomplete last batch (transformers' ``dataloader_drop_last``) instead of
+            keeping it (default False: every example is trained on once per epoch).
     """
 
     strategy = "base"
 
-    def __init__(self, lengths: Sequence[int], num_replicas: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 drop_last: bool = False):
         if len(lengths) == 0:
             raise ValueError(f"{type(self).__name__}: the dataset is empty (no lengths given)")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
@@ -43,6 +46,7 @@ class _ResumableBatchSampler(Sampler):
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.seed = int(seed)
+        self.drop_last = bool(drop_last)
         self.epoch = 0
         self.consumed = 0
         # The Trainer sets this: it knows how many batches the loop really consumed (the
@@ -235,7 +239,11 @@ class _GlobalBatchSampler(_ResumableBatchSampler):
     def _ordered(self, gen: torch.Generator, size: int) -> list[list[Any]]:
         batches = self._global_batches(gen, size)
         full = [b for b in batches if len(b) == size]
-        return [full[i] for i in self._permutation(len(full), gen)] + [b for b in batches if len(b) < size]
+        short = [] if self.drop_last else [b for b in batches if len(b) < size]
+        if not full and not short:
+            raise ValueError(f"{type(self).__name__}: dataloader_drop_last leaves no batch: the epoch has fewer "
+                             f"items than one global batch of {size}")
+        return [full[i] for i in self._permutation(len(full), gen)] + short
 
     def _plan(self, gen):
         return self._sliced(self._ordered(gen, self._plan_size()))

@@ -23,8 +23,9 @@ class RandomBatchSampler(_GlobalBatchSampler):
 
     strategy = "random"
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(lengths, num_replicas, rank, seed)
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 drop_last: bool = False):
+        super().__init__(lengths, num_replicas, rank, seed, drop_last)
         if batch_size < 1:
             raise ValueError(f"RandomBatchSampler: batch_size must be >= 1, got {batch_size}")
         self.per_device_batch_size = int(batch_size)
@@ -53,8 +54,8 @@ class BucketBatchSampler(_GlobalBatchSampler):
     strategy = "bucket"
 
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 bucket_size_multiplier: int = 64):
-        super().__init__(lengths, num_replicas, rank, seed)
+                 bucket_size_multiplier: int = 64, drop_last: bool = False):
+        super().__init__(lengths, num_replicas, rank, seed, drop_last)
         if batch_size < 1:
             raise ValueError(f"BucketBatchSampler: batch_size must be >= 1, got {batch_size}")
         if bucket_size_multiplier < 1:
@@ -91,8 +92,8 @@ class TokenBudgetBatchSampler(_ResumableBatchSampler):
     strategy = "token_budget"
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 max_batch_size: int | None = None, pad_to_multiple_of: int | None = None):
-        super().__init__(lengths, num_replicas, rank, seed)
+                 max_batch_size: int | None = None, pad_to_multiple_of: int | None = None, drop_last: bool = False):
+        super().__init__(lengths, num_replicas, rank, seed, drop_last)
         self.max_tokens = int(max_tokens)
         self.max_batch_size = max_batch_size
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -127,6 +128,8 @@ class TokenBudgetBatchSampler(_ResumableBatchSampler):
         batches = [order[a:b] for a, b in self._slots]
         batches = [batches[i] for i in self._permutation(len(batches), gen)]
         world = self.num_replicas
+        if self.drop_last and len(batches) >= world:
+            batches = batches[: len(batches) - len(batches) % world]  # an incomplete last step is dropped, not split
         batches = _fill_last_step(batches, world, type(self).__name__)
         return [batches[i : i + world] for i in range(0, len(batches), world)]
 
@@ -149,8 +152,8 @@ class MultipackBatchSampler(_GlobalBatchSampler):
     strategy = "multipack"
 
     def __init__(self, lengths: Sequence[int], max_seq_len: int, rows_per_batch: int, num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0):
-        super().__init__(lengths, num_replicas, rank, seed)
+                 rank: int = 0, seed: int = 0, drop_last: bool = False):
+        super().__init__(lengths, num_replicas, rank, seed, drop_last)
         if rows_per_batch < 1:
             raise ValueError(f"MultipackBatchSampler: rows_per_batch must be >= 1, got {rows_per_batch}")
         self.max_seq_len = int(max_seq_len)
