@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None, *, allow_reexec: bool = False) -> int:
     diverged = evaluation_divergence(after, before, vocab_size=_vocab_size(trainer.model, tokenizer))
     if diverged:
         # Finite weights whose evaluation is garbage are no more a result than NaN weights: nothing is saved.
-        latest = trainer.optcore_checkpointing.manager.latest()
+        latest = trainer.optcore_checkpointing.latest()
         print(f"\nerror: training diverged: {diverged}; the result was not saved"
               + (f" (the latest checkpoint, {latest}, is from this run)" if latest else ""), file=sys.stderr)
         return 3
